@@ -1,0 +1,170 @@
+"""`ImageTextDataModule`: img2dataset-layout image/caption shards -> batches for any stage.
+
+Batches are dicts: `image` (B, 3, S, S) in [-1, 1], `tokens` (B, context_length) open_clip token
+ids, `caption` list[str], `key` list[str], `skipped` {reason: count} since the last batch of the
+same loader worker (see `stages.SkipCounter`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from datamodules import stages
+from datamodules.stages import Sample
+
+
+@dataclass
+class LoaderConfig:
+    """DataLoader settings shared by every DataModule."""
+
+    batch_size: int = 32
+    num_workers: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its shard list the epoch before each pass (seeded shuffling)."""
+
+    def __init__(self, dataset: Any, shard_list: stages.ShardList | None, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._shard_list, self.epoch = shard_list, 0
+
+    def __iter__(self):  # type: ignore[override]
+        if self._shard_list is not None:
+            self._shard_list.set_epoch(self.epoch)
+        self.epoch += 1
+        return super().__iter__()
+
+
+def tokenizer_by_name(name: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for a model name (the CLIP BPE ships with open_clip; no download)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(name)
+
+
+class ImageTextDataModule(pl.LightningDataModule):
+    """Image + caption WebDataset shards.
+
+    Args:
+        train_shards / val_shards: local paths with brace expansion or globs.
+        image_size: output side; images are resized (short side) and centre-cropped.
+        resampled: sample shards with replacement (DDP-safe, multi-epoch); then `epoch_samples`
+            sets the number of samples per rank and epoch. Otherwise every sample is read exactly
+            once per epoch, shards dealt over ranks then workers.
+        val_samples: fixed number of validation samples (the first ones in shard order).
+        tokenizer: open_clip model name whose tokenizer encodes captions (None: no tokens).
+        hflip: random horizontal flips (off: they falsify left/right captions).
+        allow_pipe: allow `pipe:` shard URLs (they run shell commands).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        image_size: int = 64,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        resampled: bool = False,
+        epoch_samples: int | None = None,
+        shuffle_buffer: int = 1000,
+        val_samples: int = 256,
+        val_batch_size: int | None = None,
+        tokenizer: str | None = "ViT-B-32",
+        hflip: bool = False,
+        max_caption_bytes: int = 4096,
+        allow_pipe: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers)
+        self._tokenizer = tokenizer_by_name(tokenizer) if tokenizer else None
+        self.rank, self.world_size = 0, 1
+
+    # -- hooks ------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        # Fail early, in the main process, with one line naming the pattern.
+        self.train_urls = stages.expand_shards(self.hparams.train_shards, allow_pipe=self.hparams.allow_pipe)
+        val = self.hparams.val_shards
+        self.val_urls = stages.expand_shards(val, allow_pipe=self.hparams.allow_pipe) if val else []
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_urls, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_urls, train=False) if self.val_urls else []
+
+    # -- pipeline -----------------------------------------------------------------------------
+    def extra_fields(self) -> tuple[str, ...]:
+        """Further tar members each sample must carry (subclasses join embeddings by key)."""
+        return ()
+
+    def finish_sample(self, sample: Sample) -> Sample:
+        """Per-sample hook after the image transform (subclasses decode extra fields)."""
+        return sample
+
+    def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
+        def collate(samples: list[Sample]) -> Sample:
+            batch = stages.stack_fields(samples)
+            if self._tokenizer is not None:
+                batch["tokens"] = self._tokenizer(batch["caption"])
+            batch["skipped"] = counter.delta()
+            return batch
+
+        return collate
+
+    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, stages.ShardList | None]:
+        hp, counter = self.hparams, stages.SkipCounter()
+        rules = stages.CaptionRules(max_bytes=hp.max_caption_bytes)
+        shard_list = None
+        if train and hp.resampled:
+            head = [stages.resampled_shards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
+        else:
+            shard_list = stages.ShardList(urls, seed=hp.seed, shuffle=train)
+            head = [shard_list] + ([stages.split_by_node(self.rank, self.world_size), stages.split_by_worker] if train else [])
+        body = [
+            stages.tar_to_samples(counter),
+            stages.decode_samples(counter, rules, extra=self.extra_fields()),
+        ]
+        if train:
+            body.append(stages.shuffle_samples(hp.shuffle_buffer, hp.seed, self.rank))
+        else:
+            body.append(stages.take_strided(hp.val_samples, self.rank, self.world_size))
+        body += [
+            stages.image_transform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed + self.rank),
+            wds.map(self.finish_sample),
+        ]
+        batch_size = hp.batch_size if train else (hp.val_batch_size or hp.batch_size)
+        body.append(stages.batch_samples(batch_size, self.collate(counter), partial=not train))
+        pipe = wds.DataPipeline(*head, *body)
+        if train and hp.resampled and hp.epoch_samples:
+            workers = max(1, self.loader.num_workers)
+            pipe = pipe.with_epoch(max(1, hp.epoch_samples // (batch_size * workers)))
+        return pipe, shard_list
+
+    def _loader(self, urls: list[str], *, train: bool) -> DataLoader:
+        pipe, shard_list = self.pipeline(urls, train=train)
+        cfg = self.loader
+        workers = cfg.num_workers
+        return EpochLoader(
+            pipe,
+            shard_list,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=cfg.pin_memory,
+            persistent_workers=cfg.persistent_workers and workers > 0,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        )

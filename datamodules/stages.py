@@ -1,0 +1,330 @@
+"""Small named WebDataset pipeline stages shared by every DataModule.
+
+A pipeline reads as the list in `STYLE.md`:
+shard list -> deterministic shuffle seeded by (seed, epoch) -> split by node -> split by worker
+-> tar to samples without throwing (count and skip) -> decode -> filter -> augment -> batch.
+
+Each stage is a generator function `stage(src) -> iterator` (or a factory returning one), so a
+pipeline is `wds.DataPipeline(stage_a, stage_b, ...)` and every stage can be tested alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import logging
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+Sample = dict[str, Any]
+
+
+class ShardPatternError(ValueError):
+    """A shard pattern that names no readable file (one clear line, no traceback)."""
+
+
+def expand_shards(patterns: str | Iterable[str], *, allow_pipe: bool = False) -> list[str]:
+    """Expand brace/glob patterns to an ordered list of existing shard paths.
+
+    `pipe:` URLs run shell commands and are refused unless `allow_pipe` is set explicitly.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("pipe:"):
+            if not allow_pipe:
+                raise ShardPatternError(f"refusing shard URL {pattern!r}: 'pipe:' runs a shell command; set allow_pipe: true to allow it")
+            urls.append(pattern)
+            continue
+        matched: list[str] = []
+        for path in braceexpand(os.path.expanduser(pattern)):
+            hits = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
+            matched.extend(hits)
+        if not matched:
+            raise ShardPatternError(f"no shard file matches pattern {pattern!r}")
+        urls.extend(matched)
+    return urls
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_and_count() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class SkipCounter:
+    """Counts skipped samples by reason; each batch carries the counts since the previous batch.
+
+    Lives inside each loader worker, so the main process learns about skips through the batches
+    (`batch["skipped"]`), never through shared state.
+    """
+
+    def __init__(self, log_first: int = 5) -> None:
+        self.total: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
+        self.log_first = log_first
+
+    def skip(self, reason: str, where: str) -> None:
+        self.total[reason] += 1
+        if self.total[reason] <= self.log_first:
+            log.warning("skipping sample %s: %s", where, reason)
+
+    def delta(self) -> dict[str, int]:
+        out = {k: v - self._reported[k] for k, v in self.total.items() if v != self._reported[k]}
+        self._reported = Counter(self.total)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard-level stages
+# ---------------------------------------------------------------------------------------------
+class ShardList(IterableDataset):
+    """Shard URLs, shuffled by a `random.Random((seed, epoch))`; the epoch advances per pass.
+
+    `set_epoch` is called from the main process before each epoch (non-persistent workers get a
+    fresh copy); persistent workers keep their copy and advance it themselves, so both agree.
+    With `shuffle=False` the order is the given one.
+    """
+
+    def __init__(self, urls: list[str], seed: int = 0, shuffle: bool = True) -> None:
+        super().__init__()
+        self.urls, self.seed, self.shuffle, self.epoch = list(urls), seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Sample]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
+        self.epoch += 1
+        for url in urls:
+            yield {"url": url}
+
+
+def resampled_shards(urls: list[str], seed: int) -> IterableDataset:
+    """Endless sampling of shards with replacement (multi-epoch / DDP-safe mode)."""
+    return wds.ResampledShards(urls, seed=seed, deterministic=True, empty_check=False)
+
+
+def split_by_node(rank: int, world_size: int) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Keep every `world_size`-th item starting at `rank` (taken in the main process: loader
+    workers must not query torch.distributed themselves)."""
+
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        return itertools.islice(src, rank, None, world_size)
+
+    return stage
+
+
+def split_by_worker(src: Iterable[Sample]) -> Iterator[Sample]:
+    """Keep every `num_workers`-th item starting at this DataLoader worker's id."""
+    wid, n = worker_and_count()
+    return itertools.islice(src, wid, None, n)
+
+
+def tar_to_samples(counter: SkipCounter) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Open shards and group files by key; a truncated or unreadable tar is counted, not raised."""
+
+    seen: set[str] = set()
+
+    def handler(exn: Exception) -> bool:
+        # webdataset may report one broken shard twice (member read, then the tar stream):
+        # count each shard once.
+        text = str(exn)
+        match = re.search(r"name='([^']+)'", text)
+        shard = match.group(1) if match else text
+        if shard not in seen:
+            seen.add(shard)
+            counter.skip("unreadable_tar", shard)
+        return True
+
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        return wds.tariterators.tarfile_samples(src, handler=handler)
+
+    return stage
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample-level stages
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CaptionRules:
+    """What counts as a usable caption."""
+
+    max_bytes: int = 4096
+    required: bool = True
+
+
+def decode_samples(
+    counter: SkipCounter, rules: CaptionRules | None = None, extra: tuple[str, ...] = ()
+) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Raw tar members -> {"key", "image": PIL RGB, "caption": str, "meta": dict, **extra}.
+
+    Samples with a missing/undecodable image or a missing/empty/over-long/non-UTF-8 caption are
+    skipped and counted by reason. `extra` names further members (e.g. embedding `.npy`s) to pass
+    through as raw bytes for a later stage to decode.
+    """
+
+    rules = rules or CaptionRules()
+
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        for raw in src:
+            key = raw.get("__key__", "?")
+            where = f"{key} in {raw.get('__url__', '?')}"
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if image_ext is None:
+                counter.skip("missing_image", where)
+                continue
+            try:
+                with Image.open(io.BytesIO(raw[image_ext])) as im:
+                    image = im.convert("RGB")
+            except Exception:  # PIL raises many types for bad bytes
+                counter.skip("bad_image", where)
+                continue
+            caption = ""
+            if "txt" in raw:
+                if len(raw["txt"]) > rules.max_bytes:
+                    counter.skip("caption_too_long", where)
+                    continue
+                try:
+                    caption = raw["txt"].decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    counter.skip("caption_not_utf8", where)
+                    continue
+            if rules.required and "txt" not in raw:
+                counter.skip("missing_caption", where)
+                continue
+            if rules.required and not caption:
+                counter.skip("empty_caption", where)
+                continue
+            sample: Sample = {"key": key, "image": image, "caption": caption}
+            for name in extra:
+                if name not in raw:
+                    counter.skip(f"missing_{name}", where)
+                    break
+                sample[name] = raw[name]
+            else:
+                yield sample
+
+    return stage
+
+
+def shuffle_samples(bufsize: int, seed: int, rank: int = 0) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Reservoir shuffle with an RNG seeded by (seed, rank, worker) -- deterministic per run."""
+
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        if bufsize <= 1:
+            yield from src
+            return
+        wid, _ = worker_and_count()
+        rng = random.Random(f"{seed}-{rank}-{wid}")
+        buf: list[Sample] = []
+        for sample in src:
+            if len(buf) < bufsize:
+                buf.append(sample)
+                continue
+            i = rng.randrange(bufsize)
+            yield buf[i]
+            buf[i] = sample
+        rng.shuffle(buf)
+        yield from buf
+
+    return stage
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` (bicubic, antialiased) and centre-crop a square."""
+    w, h = image.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB uint8 -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.array(image, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def image_transform(size: int, hflip: bool = False, seed: int = 0) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Resize / centre crop, optional horizontal flip, normalise to [-1, 1].
+
+    Flips are off by default: they would make `to the left of` captions false.
+    """
+
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        rng = random.Random(f"flip-{seed}-{worker_and_count()[0]}")
+        for sample in src:
+            image = resize_center_crop(sample["image"], size)
+            if hflip and rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            yield {**sample, "image": to_tensor(image)}
+
+    return stage
+
+
+def take_strided(limit: int, rank: int = 0, world_size: int = 1) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Fixed-size evaluation split: the first `limit` samples in shard order, dealt out round
+    robin over ranks x workers so every sample is seen exactly once whatever the topology."""
+
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        rank_, world = rank, world_size
+        wid, nw = worker_and_count()
+        slot, slots = rank_ * nw + wid, world * nw
+        for i, sample in enumerate(itertools.islice(src, limit)):
+            if i % slots == slot:
+                yield sample
+
+    return stage
+
+
+def batch_samples(
+    batch_size: int, collate: Callable[[list[Sample]], Sample], partial: bool = True
+) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        batch: list[Sample] = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield collate(batch)
+                batch = []
+        if batch and partial:
+            yield collate(batch)
+
+    return stage
+
+
+def stack_fields(samples: list[Sample]) -> Sample:
+    """Collate a list of sample dicts: tensors are stacked, everything else becomes a list."""
+    out: Sample = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        out[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out

@@ -1,0 +1,92 @@
+"""The `unclip` console script.
+
+`unclip fit|validate|test|predict --config FILE ...` is LightningCLI (any stage's LightningModule
+and LightningDataModule by `class_path`); the project's own subcommands (`unclip data ...`, ...)
+are plain argparse programs registered in `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class UserError(Exception):
+    """An error caused by the user's input: reported as one line, no traceback."""
+
+
+def _data_command(argv: list[str]) -> int:
+    from datamodules import shapes
+
+    parser = argparse.ArgumentParser(prog="unclip data", description="Write built-in datasets as WebDataset shards.")
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    shapes.add_shapes_arguments(sub.add_parser("shapes", help="the compositional shapes dataset"))
+    args = parser.parse_args(argv)
+    shapes.run_shapes(args)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"data": _data_command}
+
+
+def register(name: str, fn: Callable[[list[str]], int]) -> None:
+    COMMANDS[name] = fn
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    from modules.lightning_cli import UnclipCLI
+
+    UnclipCLI(args=argv)
+    return 0
+
+
+def _usage() -> str:
+    names = ", ".join([*LIGHTNING_COMMANDS, *sorted(COMMANDS)])
+    return f"usage: unclip {{{names}}} ... (unclip COMMAND --help for details)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _load_plugins()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in LIGHTNING_COMMANDS:
+            return _lightning_cli(argv)
+        if command in COMMANDS:
+            return COMMANDS[command](rest)
+        raise UserError(f"unknown command {command!r}; {_usage()}")
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        if not _is_user_error(exc):
+            raise
+        print(f"unclip {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from datamodules.stages import ShardPatternError
+
+    return isinstance(exc, (UserError, ShardPatternError, FileNotFoundError))
+
+
+def _load_plugins() -> None:
+    """Import modules that register further subcommands (each owns its CLI wiring)."""
+    import importlib
+
+    for name in ("modules.commands",):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""ImageTextDataModule: round trip, bad samples, sharding over ranks x workers, errors."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import stages
+from datamodules.image_text import ImageTextDataModule
+from tests.conftest import png_bytes, sample_members, write_tar
+
+
+def _dm(pattern: str, **kw) -> ImageTextDataModule:
+    args = dict(train_shards=pattern, val_shards=pattern, image_size=16, batch_size=4, num_workers=0, tokenizer=None)
+    args.update(kw)
+    dm = ImageTextDataModule(**args)
+    dm.setup("fit")
+    return dm
+
+
+def _keys(loader) -> list[str]:
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_round_trip_exact_captions_and_pixels(tiny_shards):
+    pattern, truth = tiny_shards
+    dm = _dm(pattern, val_samples=100, val_batch_size=5)
+    seen = 0
+    for batch in dm.val_dataloader():
+        for key, image, caption in zip(batch["key"], batch["image"], batch["caption"]):
+            arr, want = truth[key]
+            assert caption == want
+            back = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            np.testing.assert_array_equal(back, arr)
+            seen += 1
+    assert seen == len(truth)
+
+
+def test_tokens_are_open_clip_ids(tiny_shards):
+    pattern, truth = tiny_shards
+    dm = _dm(pattern, tokenizer="ViT-B-32", val_samples=4)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["tokens"].shape == (4, 77) and batch["tokens"].dtype == torch.long
+    assert (batch["tokens"][:, 0] == 49406).all()  # start-of-text
+
+
+def test_bad_samples_skipped_and_counted(tmp_path: Path):
+    good = np.full((16, 16, 3), 7, np.uint8)
+    members = sample_members("a", good, "fine")
+    members += [("b.png", b"not a png at all"), ("b.txt", b"bad image")]
+    members += [("c.png", png_bytes(good))]  # no caption
+    members += [("d.png", png_bytes(good)), ("d.txt", b"   ")]
+    members += [("e.png", png_bytes(good)), ("e.txt", b"\xff\xfe\xfa")]
+    members += [("f.png", png_bytes(good)), ("f.txt", b"x" * 100_000)]
+    members += sample_members("g", good, "also fine")
+    write_tar(tmp_path / "s-000000.tar", members)
+    # A truncated shard: the first sample survives, the rest is cut mid-member.
+    write_tar(tmp_path / "s-000001.tar", sample_members("h", good, "before the cut") + sample_members("i", good, "lost"))
+    data = (tmp_path / "s-000001.tar").read_bytes()
+    cut = data.find(b"i.png") + 512 + 40  # inside the second sample's PNG bytes
+    (tmp_path / "s-000001.tar").write_bytes(data[:cut])
+    dm = _dm(str(tmp_path / "s-{000000..000001}.tar"), batch_size=1, shuffle_buffer=0)
+    skipped: dict[str, int] = {}
+    keys = []
+    for batch in dm.train_dataloader():
+        keys += batch["key"]
+        for reason, n in batch["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert sorted(keys) == ["a", "g", "h"]
+    assert skipped.get("bad_image") == 1
+    assert skipped.get("missing_caption") == 1
+    assert skipped.get("empty_caption") == 1
+    assert skipped.get("caption_not_utf8") == 1
+    assert skipped.get("caption_too_long") == 1
+    assert skipped.get("unreadable_tar") == 1
+
+
+def test_every_sample_once_per_epoch_over_ranks_and_workers(tiny_shards):
+    pattern, truth = tiny_shards
+    per_epoch: list[list[str]] = []
+    for epoch in range(2):
+        keys: list[str] = []
+        for rank in range(2):
+            dm = ImageTextDataModule(pattern, image_size=16, batch_size=1, num_workers=2, tokenizer=None, seed=3)
+            dm.setup("fit")
+            dm.rank, dm.world_size = rank, 2
+            loader = dm.train_dataloader()
+            loader.epoch = epoch
+            rank_keys = _keys(loader)
+            assert rank_keys, "each rank must get samples"
+            keys += rank_keys
+        assert sorted(keys) == sorted(truth), "every sample exactly once per epoch"
+        per_epoch.append(keys)
+    assert per_epoch[0] != per_epoch[1], "the (seed, epoch) shuffle changes the order between epochs"
+
+
+def test_shard_order_deterministic_in_seed_and_epoch():
+    urls = [f"u{i}" for i in range(10)]
+    a = stages.ShardList(urls, seed=1)
+    first = [d["url"] for d in a]
+    second = [d["url"] for d in a]  # epoch advanced
+    b = stages.ShardList(urls, seed=1)
+    assert [d["url"] for d in b] == first
+    assert first != second and sorted(first) == sorted(urls)
+
+
+def test_resampled_mode_yields_fixed_epoch_length(tiny_shards):
+    pattern, _ = tiny_shards
+    dm = _dm(pattern, resampled=True, epoch_samples=12, batch_size=3, num_workers=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4 and all(len(b["key"]) == 3 for b in batches)
+
+
+def test_pattern_matching_nothing_is_one_clear_error(tmp_path: Path):
+    pattern = str(tmp_path / "nothing-{000000..000003}.tar")
+    with pytest.raises(stages.ShardPatternError, match="nothing-"):
+        _dm(pattern)
+    with pytest.raises(stages.ShardPatternError, match="pipe:"):
+        stages.expand_shards("pipe:curl http://example/x.tar")
