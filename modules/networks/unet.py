@@ -1,0 +1,292 @@
+"""The unCLIP decoder U-Net: GLIDE's text-conditional ADM U-Net plus CLIP image embeddings.
+
+Architecture: Dhariwal & Nichol 2021 (ADM) with GLIDE's attention over text tokens (Nichol et al.
+2021); unCLIP §2.1 (Ramesh et al. 2022): the CLIP image embedding z_i is projected and added to
+the timestep embedding, and projected into ``num_image_tokens`` extra context tokens that are
+concatenated with the caption tokens every attention layer attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from modules.networks.unet_blocks import (
+    AttentionBlock,
+    CondSequential,
+    Conditioning,
+    Downsample,
+    Resample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_module,
+)
+
+
+@dataclass
+class UNetConfig:
+    """U-Net hyper-parameters (plain types, so LightningCLI/jsonargparse builds it from YAML).
+
+    ``attention_resolutions`` are pixel resolutions (e.g. (32, 16, 8) for a 64 px model); the
+    middle block has attention iff this tuple is non-empty. ``image_embed_dim`` /
+    ``text_embed_dim`` set to None switch that conditioning off. ``context_dim`` defaults to
+    ``model_channels * max(channel_mult)``. GroupNorm uses gcd(num_groups, channels) groups.
+    """
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3  # 2 * in_channels for a learned variance
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    num_head_channels: int = 64
+    dropout: float = 0.0
+    use_checkpoint: bool = False
+    image_embed_dim: Optional[int] = None
+    num_image_tokens: int = 4
+    text_embed_dim: Optional[int] = None
+    context_dim: Optional[int] = None
+    resblock_updown: bool = False
+    num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if not self.channel_mult or self.num_res_blocks < 1:
+            raise ValueError("need at least one level and one res block per level")
+        if self.context_dim is None:
+            self.context_dim = self.model_channels * max(self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def has_context(self) -> bool:
+        return self.image_embed_dim is not None or self.text_embed_dim is not None
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x (B, L, D) over the positions where mask (B, L) is True; every row needs one."""
+    total = torch.where(mask[..., None], x, 0.0).sum(1)  # (B, D); where() also blocks NaN padding
+    return total / mask.sum(1, keepdim=True).to(x.dtype)
+
+
+class UnclipConditioner(nn.Module):
+    """Turns (z_i, caption tokens, drop masks) into the embedding bias and the attention context.
+
+    Context layout: [image tokens (num_image_tokens), null caption token (1), caption tokens (L)].
+    Classifier-free guidance: a dropped z_i is replaced by a learned null embedding; a dropped
+    caption has all its tokens masked and the learned null token made visible instead (the null
+    token is visible iff no caption token is). The pooled caption added to the timestep
+    embedding is the masked mean of the normalised context tokens of the caption part, i.e. the
+    mean of the real tokens, or the null token when there are none.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        c, emb_dim, ctx = config, config.time_embed_dim, config.context_dim
+        self.num_image_tokens, self.context_dim = c.num_image_tokens, ctx
+        self.image_enabled = c.image_embed_dim is not None
+        self.text_enabled = c.text_embed_dim is not None
+        if self.image_enabled:
+            d = c.image_embed_dim
+            self.null_image = nn.Parameter(torch.randn(d) * d**-0.5)
+            self.image_to_emb = nn.Linear(d, emb_dim)
+            self.image_to_tokens = nn.Linear(d, c.num_image_tokens * ctx)
+        if self.text_enabled:
+            self.text_proj = nn.Linear(c.text_embed_dim, ctx)
+            self.null_text = nn.Parameter(torch.randn(ctx) * ctx**-0.5)
+            self.text_to_emb = nn.Linear(ctx, emb_dim)
+        self.context_norm = nn.LayerNorm(ctx) if c.has_context else None
+
+    def forward(
+        self,
+        emb: Tensor,  # (B, E) timestep embedding
+        image_embed: Optional[Tensor] = None,  # (B, D_img)
+        text_tokens: Optional[Tensor] = None,  # (B, L, D_txt)
+        text_mask: Optional[Tensor] = None,  # (B, L) bool, True = real token
+        drop_image: Optional[Tensor] = None,  # (B,) bool, True = use the null embedding
+        drop_text: Optional[Tensor] = None,  # (B,) bool, True = use the null caption
+    ) -> Conditioning:
+        if not self.image_enabled and image_embed is not None:
+            raise ValueError("image_embed given but image_embed_dim is None")
+        if not self.text_enabled and (text_tokens is not None or text_mask is not None):
+            raise ValueError("text_tokens given but text_embed_dim is None")
+        if self.context_norm is None:
+            return Conditioning(F.silu(emb))
+        B = emb.shape[0]
+        parts: list[Tensor] = []
+        if self.image_enabled:
+            z = self.null_image.expand(B, -1) if image_embed is None else image_embed  # (B, D)
+            if drop_image is not None:
+                z = torch.where(drop_image[:, None], self.null_image, z)
+            emb = emb + self.image_to_emb(z)
+            parts.append(self.image_to_tokens(z).view(B, self.num_image_tokens, self.context_dim))
+        text_mask_full = None
+        if self.text_enabled:
+            null = self.null_text.expand(B, 1, -1)  # (B, 1, D_ctx)
+            if text_tokens is None:
+                parts.append(null)
+            else:
+                keep = text_tokens.new_ones(text_tokens.shape[:2], dtype=torch.bool)
+                keep = keep if text_mask is None else text_mask.bool()  # (B, L)
+                if drop_text is not None:
+                    keep = keep & ~drop_text[:, None]
+                text_mask_full = torch.cat([~keep.any(1, keepdim=True), keep], 1)  # (B, 1 + L)
+                parts += [null, self.text_proj(text_tokens)]  # (B, L, D_ctx)
+        context = self.context_norm(torch.cat(parts, 1))  # (B, S, D_ctx)
+        mask = None
+        if self.text_enabled:
+            n_img = self.num_image_tokens if self.image_enabled else 0
+            text_ctx = context[:, n_img:]  # (B, 1 + L, D_ctx)
+            if text_mask_full is None:
+                pooled = text_ctx[:, 0]  # only the null token
+            else:
+                pooled = _masked_mean(text_ctx, text_mask_full)  # (B, D_ctx)
+            emb = emb + self.text_to_emb(pooled)
+            if text_mask_full is not None:
+                mask = F.pad(text_mask_full, (n_img, 0), value=True)  # (B, S)
+        return Conditioning(F.silu(emb), context, mask)
+
+
+class UNet(nn.Module):
+    """GLIDE / ADM U-Net with unCLIP conditioning; predicts ε (and variance if out_channels = 2C).
+
+    ``forward(x, t, *, image_embed, text_tokens, text_mask, drop_image, drop_text)``:
+    x (B, C, H, W) with H, W divisible by 2**(len(channel_mult) - 1); t (B,) timestep indices
+    (0..999). Conditioning that is enabled but not given is treated as dropped (the learned null);
+    conditioning disabled in the config must not be given (drop masks are then ignored).
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        mc, emb_dim = c.model_channels, c.time_embed_dim
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.conditioner = UnclipConditioner(c)
+        self._num_downsamples = len(c.channel_mult) - 1
+        self.conv_in = nn.Conv2d(self._input_channels(), mc, 3, padding=1)
+        self.input_blocks, skip_channels, ch = self._build_down()
+        self.middle_block = CondSequential(
+            self._res(ch, ch),
+            *([self._attn(ch)] if c.attention_resolutions else []),
+            self._res(ch, ch),
+        )
+        self.output_blocks, ch = self._build_up(ch, skip_channels)
+        self.out = nn.Sequential(
+            group_norm(ch, c.num_groups),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)),
+        )
+
+    # ---------------------------------------------------------------- construction
+    def _input_channels(self) -> int:
+        """Channels entering conv_in; subclasses that concatenate extra inputs override this."""
+        return self.config.in_channels
+
+    def _res(self, ch: int, out: int, resample: Resample = Resample.NONE) -> ResBlock:
+        c = self.config
+        return ResBlock(
+            ch, out, c.time_embed_dim, dropout=c.dropout, num_groups=c.num_groups, resample=resample
+        )
+
+    def _attn(self, ch: int) -> AttentionBlock:
+        c = self.config
+        return AttentionBlock(
+            ch,
+            num_head_channels=c.num_head_channels,
+            num_groups=c.num_groups,
+            context_dim=c.context_dim if c.has_context else None,
+        )
+
+    def _build_down(self) -> tuple[nn.ModuleList, list[int], int]:
+        c = self.config
+        blocks, ch, ds = nn.ModuleList(), c.model_channels, 1
+        skip_channels = [ch]  # conv_in's output is the first skip
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [self._res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if c.image_size // ds in c.attention_resolutions:
+                    layers.append(self._attn(ch))
+                blocks.append(CondSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = self._res(ch, ch, Resample.DOWN) if c.resblock_updown else Downsample(ch)
+                blocks.append(CondSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+        return blocks, skip_channels, ch
+
+    def _build_up(self, ch: int, skip_channels: list[int]) -> tuple[nn.ModuleList, int]:
+        c = self.config
+        blocks, ds = nn.ModuleList(), 2 ** (len(c.channel_mult) - 1)
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                out = mult * c.model_channels
+                layers: list[nn.Module] = [self._res(ch + skip_channels.pop(), out)]
+                ch = out
+                if c.image_size // ds in c.attention_resolutions:
+                    layers.append(self._attn(ch))
+                if level and i == c.num_res_blocks:
+                    up = self._res(ch, ch, Resample.UP) if c.resblock_updown else Upsample(ch)
+                    layers.append(up)
+                    ds //= 2
+                blocks.append(CondSequential(*layers))
+        return blocks, ch
+
+    # ---------------------------------------------------------------- forward
+    def embed_timestep(self, t: Tensor) -> Tensor:
+        """(B,) timesteps -> (B, 4·model_channels) embedding (before conditioning is added)."""
+        sin = timestep_embedding(t, self.config.model_channels)
+        return self.time_embed(sin.to(self.time_embed[0].weight.dtype))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, C_in, H, W)
+        t: Tensor,  # (B,)
+        *,
+        image_embed: Optional[Tensor] = None,
+        text_tokens: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        drop_image: Optional[Tensor] = None,
+        drop_text: Optional[Tensor] = None,
+    ) -> Tensor:
+        cond = self.conditioner(
+            self.embed_timestep(t), image_embed, text_tokens, text_mask, drop_image, drop_text
+        )
+        return self.run_body(x, cond)
+
+    def _call(self, block: nn.Module, h: Tensor, cond: Conditioning) -> Tensor:
+        if self.config.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(block, h, cond, use_reentrant=False)
+        return block(h, cond)
+
+    def run_body(self, x: Tensor, cond: Conditioning) -> Tensor:
+        """The U-Net proper: x (B, C, H, W) -> (B, out_channels, H, W) given the conditioning."""
+        factor = 2**self._num_downsamples
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"H and W must be divisible by {factor}, got {tuple(x.shape[-2:])}")
+        h = self.conv_in(x)  # (B, mc, H, W)
+        skips = [h]
+        for block in self.input_blocks:
+            h = self._call(block, h, cond)
+            skips.append(h)
+        h = self._call(self.middle_block, h, cond)
+        for block in self.output_blocks:
+            h = self._call(block, torch.cat([h, skips.pop()], dim=1), cond)
+        return self.out(h)  # (B, out_channels, H, W)

@@ -1,0 +1,190 @@
+"""Building blocks of the GLIDE / ADM U-Net (Dhariwal & Nichol 2021, Nichol et al. 2021).
+
+Every block takes ``(x, cond)`` where ``cond`` is a :class:`Conditioning`, so a U-Net stage is a
+plain sequence of blocks and gradient checkpointing can wrap any of them uniformly.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Conditioning(NamedTuple):
+    """What every block may read besides its input feature map."""
+
+    emb: Tensor  # (B, E) timestep (+ conditioning) embedding, SiLU already applied
+    context: Optional[Tensor] = None  # (B, S, D_ctx) tokens the attention layers also attend to
+    context_mask: Optional[Tensor] = None  # (B, S) bool, True = visible; None = all visible
+
+
+class Resample(Enum):
+    NONE = "none"
+    UP = "up"
+    DOWN = "down"
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, §3.5).
+
+    ``t``: (B,) timestep indices (0..999 for T = 1000). Returns (B, dim) float32: [cos | sin].
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(max_period) / half)
+    )  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+def group_norm(channels: int, num_groups: int, affine: bool = True) -> nn.GroupNorm:
+    """GroupNorm whose group count divides ``channels`` (gcd), so tiny widths work too."""
+    return nn.GroupNorm(math.gcd(num_groups, channels), channels, affine=affine)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter: a residual branch starts as the identity (ADM, §3 of the paper)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is laid out that way (and not also plain contiguous)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _resample(x: Tensor, mode: Resample) -> Tensor:
+    if mode is Resample.UP:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if mode is Resample.DOWN:
+        return F.avg_pool2d(x, kernel_size=2)
+    return x
+
+
+class ResBlock(nn.Module):
+    """Residual block with adaptive group norm (ADM §3): GroupNorm(h)·(1 + s) + b, where
+    (s, b) = Linear(emb).
+
+    ``resample`` makes it a BigGAN-style up/down-sampling block (``resblock_updown``). The last
+    conv is zero-initialised so the block starts as its skip connection.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        emb_dim: int,
+        *,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        resample: Resample = Resample.NONE,
+    ) -> None:
+        super().__init__()
+        self.resample = resample
+        self.in_norm = group_norm(channels, num_groups)
+        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)  # -> (scale, shift)
+        # The affine part of this norm is carried by the bias of emb_proj, so none here.
+        self.out_norm = group_norm(out_channels, num_groups, affine=False)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        h = F.silu(self.in_norm(x))  # (B, C, H, W)
+        h = self.in_conv(_resample(h, self.resample))  # (B, C_out, H', W')
+        x = _resample(x, self.resample)
+        scale, shift = self.emb_proj(cond.emb)[..., None, None].chunk(2, dim=1)  # (B, C_out, 1, 1)
+        h = torch.addcmul(shift, self.out_norm(h), 1.0 + scale)
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H·W positions, GLIDE style.
+
+    With ``context_dim`` set, each layer projects the context tokens to its own keys/values and
+    concatenates them in front of the spatial keys/values, so every position attends to
+    [context tokens, all positions]. Spatial keys are always visible, hence no softmax row is
+    ever fully masked. Heads have ``num_head_channels`` channels each (at least one head).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        num_head_channels: int = 64,
+        num_groups: int = 32,
+        context_dim: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = max(1, channels // num_head_channels)
+        if channels % self.num_heads:
+            raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
+        self.norm = group_norm(channels, num_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
+        self.proj = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        B, C, H, W = x.shape
+        T, nh = H * W, self.num_heads
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, T, C)  # (B, T, C); a view if NHWC
+        qkv = self.qkv(tokens).view(B, T, 3, nh, C // nh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
+        mask = None
+        if self.context_kv is not None and cond.context is not None:
+            S = cond.context.shape[1]
+            ck, cv = self.context_kv(cond.context).view(B, S, 2, nh, C // nh).permute(2, 0, 3, 1, 4)
+            k = torch.cat([ck, k], dim=2)  # (B, nh, S + T, d)
+            v = torch.cat([cv, v], dim=2)
+            if cond.context_mask is not None:
+                mask = F.pad(cond.context_mask, (0, T), value=True)[:, None, None, :]  # (B,1,1,S+T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, d)
+        out = self.proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        out = out.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
+        return x + out.contiguous(memory_format=memory_format_of(x))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CondSequential(nn.Sequential):
+    """A U-Net stage: blocks applied in order, each given the same :class:`Conditioning`."""
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:  # type: ignore[override]
+        for block in self:
+            x = block(x, cond)
+        return x

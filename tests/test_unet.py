@@ -1,0 +1,283 @@
+"""Behavioural tests of the decoder U-Net and the upsampler U-Net (tiny, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
+from modules.networks.unet import UNet, UNetConfig
+from modules.networks.unet_blocks import AttentionBlock, Conditioning, timestep_embedding
+
+IMG_DIM, TXT_DIM, L = 12, 10, 5
+
+
+def tiny_config(**overrides) -> UNetConfig:
+    kwargs = dict(
+        image_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(16,), num_head_channels=8, image_embed_dim=IMG_DIM,
+        text_embed_dim=TXT_DIM, context_dim=24,
+    )
+    kwargs.update(overrides)
+    return UNetConfig(**kwargs)
+
+
+def randomize_zero_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give the zero-initialised layers random weights, so every path reaches the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def build(config: UNetConfig, cls=UNet) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_zero_init(cls(config)).eval()
+
+
+def inputs(B: int = 2, size: int = 32, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 3:] = False  # sample 0 has 3 real tokens, then padding
+    return dict(
+        x=torch.randn(B, 3, size, size, generator=g),
+        t=torch.randint(0, 1000, (B,), generator=g),
+        image_embed=torch.randn(B, IMG_DIM, generator=g),
+        text_tokens=torch.randn(B, L, TXT_DIM, generator=g),
+        text_mask=mask,
+    )
+
+
+def run(model: nn.Module, kw: dict, **changes) -> torch.Tensor:
+    kw = {**kw, **changes}
+    return model(kw.pop("x"), kw.pop("t"), **kw)
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 7.0])
+    emb = timestep_embedding(t, 8)
+    freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
+    expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
+    torch.testing.assert_close(emb, expected)
+
+
+@pytest.mark.parametrize("size,batch", [(16, 1), (32, 2), (48, 3)])
+@pytest.mark.parametrize("out_channels", [3, 6])
+def test_output_shape(size: int, batch: int, out_channels: int):
+    model = build(tiny_config(out_channels=out_channels))
+    with torch.no_grad():
+        out = run(model, inputs(batch, size))
+    assert out.shape == (batch, out_channels, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_tiny_widths_and_resblock_updown():
+    """12 channels with num_groups=32 -> gcd groups; BigGAN up/down blocks keep the shape."""
+    model = build(tiny_config(model_channels=12, num_head_channels=64, resblock_updown=True,
+                              channel_mult=(1, 2, 2), attention_resolutions=(16, 8)))
+    with torch.no_grad():
+        assert run(model, inputs(2, 16)).shape == (2, 3, 16, 16)
+
+
+def test_output_depends_on_conditioning():
+    model, kw = build(tiny_config()), inputs()
+    yes, no = torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    with torch.no_grad():
+        keep = dict(drop_image=no, drop_text=no)
+        base = run(model, kw, **keep)
+        other_image = run(model, kw, image_embed=torch.randn(2, IMG_DIM), **keep)
+        other_text = run(model, kw, text_tokens=torch.randn(2, L, TXT_DIM), **keep)
+        drop_image = run(model, kw, drop_image=yes, drop_text=no)
+        drop_text = run(model, kw, drop_image=no, drop_text=yes)
+    for changed in (other_image, other_text, drop_image, drop_text):
+        per_sample = (changed - base).flatten(1).abs().amax(1)
+        assert (per_sample > 1e-4).all()
+
+
+def test_dropped_conditioning_is_replaced_by_null():
+    model, kw = build(tiny_config()), inputs()
+    drop = torch.tensor([True, False])
+    new_image = kw["image_embed"].clone()
+    new_image[0] += 5.0  # change the dropped sample's z_i ...
+    new_text = kw["text_tokens"] + 3.0  # ... and everybody's caption
+    with torch.no_grad():
+        base = run(model, kw, drop_image=drop)
+        moved = run(model, kw, image_embed=new_image, drop_image=drop)
+        no_image = run(model, kw, image_embed=None)  # missing = dropped for every sample
+        text_base = run(model, kw, drop_text=drop)
+        text_moved = run(model, kw, text_tokens=new_text, drop_text=drop)
+        text_none = run(model, kw, text_tokens=None, text_mask=None)
+    torch.testing.assert_close(moved[0], base[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(no_image[0], base[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_moved[0], text_base[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(text_none[0], text_base[0], rtol=1e-5, atol=1e-5)
+    assert (text_moved[1] - text_base[1]).abs().max() > 1e-4  # the kept caption still matters
+
+
+def test_masked_caption_tokens_do_not_matter():
+    model, kw = build(tiny_config()), inputs()
+    garbage = kw["text_tokens"].clone()
+    garbage[0, 3:] = torch.randn(L - 3, TXT_DIM) * 100.0  # only the padding of sample 0
+    all_masked = kw["text_mask"].clone()
+    all_masked[0] = False  # an empty caption is the null caption
+    with torch.no_grad():
+        base = run(model, kw)
+        padded = run(model, kw, text_tokens=garbage)
+        empty = run(model, kw, text_mask=all_masked)
+        dropped = run(model, kw, drop_text=torch.tensor([True, False]))
+    torch.testing.assert_close(padded, base, rtol=0, atol=1e-6)
+    assert torch.isfinite(empty).all()
+    torch.testing.assert_close(empty[0], dropped[0], rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_matches():
+    kw = inputs()
+    outs, grads = [], []
+    for use_checkpoint in (False, True):
+        model = build(tiny_config(use_checkpoint=use_checkpoint, dropout=0.1)).train()
+        torch.manual_seed(123)  # same dropout masks; checkpoint replays the RNG state
+        out = run(model, kw, drop_image=torch.tensor([True, False]))
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_matches_naive_softmax(channels_last: bool):
+    torch.manual_seed(0)
+    C, heads, S = 32, 4, 5
+    block = AttentionBlock(C, num_head_channels=8, num_groups=8, context_dim=24)
+    randomize_zero_init(block)
+    x = torch.randn(2, C, 4, 6)
+    context = torch.randn(2, S, 24)
+    mask = torch.tensor([[True, False, True, False, False], [True] * S])
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    out = block(xin, Conditioning(torch.zeros(2, 1), context, mask))
+
+    d = C // heads
+    tok = block.norm(x).flatten(2).transpose(1, 2)  # (B, T, C)
+    q, k, v = (tok @ block.qkv.weight.T + block.qkv.bias).split(C, dim=-1)
+    ck, cv = (context @ block.context_kv.weight.T + block.context_kv.bias).split(C, dim=-1)
+    k, v = torch.cat([ck, k], 1), torch.cat([cv, v], 1)  # (B, S + T, C)
+    split = lambda z: z.reshape(2, z.shape[1], heads, d).transpose(1, 2)  # (B, h, N, d)
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)  # (B, h, T, S + T)
+    visible = torch.cat([mask, torch.ones(2, 24, dtype=torch.bool)], 1)[:, None, None]
+    attn = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    heads_out = (attn @ split(v)).transpose(1, 2).reshape(2, 24, C)
+    ref = x + (heads_out @ block.proj.weight.T + block.proj.bias).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_input_gives_same_output():
+    model, kw = build(tiny_config()), inputs()
+    with torch.no_grad():
+        base = run(model, kw)
+        cl = run(model.to(memory_format=torch.channels_last), kw,
+                 x=kw["x"].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, base, rtol=1e-4, atol=1e-5)
+
+
+def test_unconditional_model():
+    model = build(tiny_config(image_embed_dim=None, text_embed_dim=None))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    with torch.no_grad():
+        out = model(x, t)
+        ignored = model(x, t, drop_image=torch.tensor([True, False]))  # CFG masks are no-ops
+    assert out.shape == x.shape
+    torch.testing.assert_close(ignored, out, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        model(x, t, image_embed=torch.randn(2, IMG_DIM))
+    with pytest.raises(ValueError):
+        model(x, t, text_tokens=torch.randn(2, L, TXT_DIM))
+
+
+def test_all_parameters_get_finite_gradients():
+    model = build(tiny_config()).train()
+    kw = inputs()
+    run(model, kw, drop_image=torch.tensor([True, False]), drop_text=torch.tensor([False, True])
+        ).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_config_from_yaml():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--net", type=SuperResUNet)
+    cfg = parser.parse_string(
+        "net:\n  class_path: modules.networks.superres_unet.SuperResUNet\n  init_args:\n"
+        "    config:\n      image_size: 32\n      model_channels: 16\n      channel_mult: [1, 2]\n"
+        "      num_res_blocks: 1\n      interpolation: BILINEAR\n"
+    )
+    net = parser.instantiate_classes(cfg).net
+    assert isinstance(net, SuperResUNet)
+    assert net.config.channel_mult == (1, 2) and net.config.interpolation is Interpolation.BILINEAR
+    assert net.config.attention_resolutions == () and net.config.low_res_channels == 3
+
+
+# ------------------------------------------------------------------------ upsampler
+def sr_config(**overrides) -> SuperResUNetConfig:
+    kwargs = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
+    kwargs.update(overrides)
+    return SuperResUNetConfig(**kwargs)
+
+
+def test_superres_runs_on_crop_and_full_size():
+    model = build(sr_config(), SuperResUNet)
+    assert not any(isinstance(m, AttentionBlock) for m in model.modules())
+    t, aug = torch.tensor([10, 500]), torch.tensor([0.0, 0.3])
+    with torch.no_grad():
+        crop = model(torch.randn(2, 3, 16, 16), t, low_res=torch.randn(2, 3, 4, 4), aug_level=aug)
+        full = model(torch.randn(2, 3, 32, 32), t, low_res=torch.randn(2, 3, 8, 8), aug_level=aug)
+    assert crop.shape == (2, 3, 16, 16) and full.shape == (2, 3, 32, 32)
+
+
+def test_superres_depends_on_low_res_and_aug_level():
+    model = build(sr_config(), SuperResUNet)
+    x, t, low = torch.randn(1, 3, 16, 16), torch.tensor([100]), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        base = model(x, t, low_res=low, aug_level=torch.tensor([0.0]))
+        assert (model(x, t, low_res=low) - base).abs().max() == 0  # None means level 0
+        assert (model(x, t, low_res=low, aug_level=torch.tensor([0.5])) - base).abs().max() > 1e-4
+        assert (model(x, t, low_res=low + 1.0) - base).abs().max() > 1e-4
+
+
+def test_superres_is_translation_equivariant():
+    """No attention, no positional input: with circular conv padding and nearest upsampling of the
+    low-res image, shifting (x, low_res) by 8 (resp. 2) px shifts the output by exactly 8 px.
+    The shift is a multiple of the total downsampling factor, so stride-2 convs line up."""
+    config = sr_config(interpolation=Interpolation.NEAREST, channel_mult=(1, 2, 2))
+    model = build(config, SuperResUNet)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.padding_mode = "circular"
+    g = torch.Generator().manual_seed(3)
+    x, low = torch.randn(1, 3, 32, 32, generator=g), torch.randn(1, 3, 8, 8, generator=g)
+    t, aug = torch.tensor([250]), torch.tensor([0.2])
+    with torch.no_grad():
+        out = model(x, t, low_res=low, aug_level=aug)
+        x_s, low_s = x.roll((8, -8), (2, 3)), low.roll((2, -2), (2, 3))
+        shifted = model(x_s, t, low_res=low_s, aug_level=aug)
+    torch.testing.assert_close(shifted, out.roll((8, -8), (2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_superres_gradients_finite():
+    model = build(sr_config(), SuperResUNet).train()
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), low_res=torch.randn(2, 3, 8, 8),
+                aug_level=torch.rand(2))
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
