@@ -1,0 +1,69 @@
+"""CLIP conditioning for the prior and decoder: precomputed from shards or encoded on the fly.
+
+A batch either carries the exported embeddings (`image_embed`, `text_embed`, `text_tokens`,
+`text_mask`) or raw `image` / `tokens`, which a frozen CLIP named in the YAML encodes here.
+The frozen CLIP is kept outside the module tree: it is not trained, not averaged by EMA and not
+saved in stage checkpoints (its own checkpoint path, in the saved config, records the lineage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import open_clip
+import torch
+from torch import Tensor
+
+from modules.networks.clip import FrozenCLIP, register_project_configs
+
+CONDITION_KEYS = ("image_embed", "text_embed", "text_tokens", "text_mask")
+
+
+def clip_dims(model_name: str) -> tuple[int, int]:
+    """(embedding width, text transformer width) of a registered open_clip architecture."""
+    register_project_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown CLIP model {model_name!r}")
+    return int(cfg["embed_dim"]), int(cfg["text_cfg"]["width"])
+
+
+def trim_tokens(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop padding columns beyond the longest caption in the batch: (B, L, W) -> (B, L', W)."""
+    length = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    length = max(length, 1)
+    return tokens[:, :length], mask[:, :length]
+
+
+class ClipConditioner:
+    """Returns the CLIP conditioning of a batch, encoding with a frozen CLIP when needed."""
+
+    def __init__(self, model_name: str, weights: str | None = None) -> None:
+        self.model_name, self.weights = model_name, weights
+        self.embed_dim, self.text_width = clip_dims(model_name)
+        self._clip: FrozenCLIP | None = None
+
+    def encoder(self, device: torch.device) -> FrozenCLIP:
+        if self._clip is None:
+            self._clip = FrozenCLIP(self.model_name, self.weights)
+        if self._clip.mean.device != device:
+            self._clip = self._clip.to(device)
+        return self._clip
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if all(k in batch for k in CONDITION_KEYS):
+            cond = {k: batch[k] for k in CONDITION_KEYS}
+        else:
+            device = batch["image"].device if "image" in batch else batch["tokens"].device
+            clip = self.encoder(device)
+            text = clip.encode_text(batch["tokens"])
+            cond = {"text_embed": text.embed, "text_tokens": text.tokens, "text_mask": text.mask}
+            if "image" in batch:
+                cond["image_embed"] = clip.encode_image(batch["image"])
+        cond["text_tokens"], cond["text_mask"] = trim_tokens(cond["text_tokens"], cond["text_mask"].bool())
+        return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
+        tokens = open_clip.get_tokenizer(self.model_name)(prompts).to(device)
+        return self({"tokens": tokens})

@@ -1,0 +1,150 @@
+"""Stage 3: the unCLIP decoder P(x | z_i, y) (Ramesh et al. 2022 §2.1).
+
+A GLIDE U-Net trained with DDPM's L_simple (Ho et al. 2020, Algorithm 1) on 64 px images,
+conditioned on the CLIP image embedding z_i (added to the timestep embedding and projected to 4
+context tokens) and the caption's CLIP token encodings. For classifier-free guidance z_i is
+dropped 10% and the caption 50% of the time (learned null embeddings inside the U-Net).
+EMA of the weights is Lightning's `EMAWeightAveraging` callback, set in the experiment YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from modules import optim
+from modules.conditioning import ClipConditioner
+from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
+from modules.hparams import as_config, to_plain
+from modules.networks.unet import UNet, UNetConfig
+
+DROP_KEYS = ("drop_image", "drop_text")
+
+
+class DecoderModule(pl.LightningModule):
+    """Trains the decoder U-Net; `generate` samples images from CLIP conditioning.
+
+    Args:
+        unet: U-Net architecture; its `image_embed_dim` / `text_embed_dim` are filled in from the
+            CLIP model so no width is typed twice.
+        clip_model / clip_weights: the frozen CLIP (open_clip registry name, local weights file or
+            CLIP-stage checkpoint) used when batches carry images instead of exported embeddings.
+        condition_on_image / condition_on_text: switch either conditioning off.
+        drop_image_prob / drop_text_prob: CFG dropout rates (paper: 10% and 50%).
+        val_timesteps: fixed timesteps at which the validation loss is measured.
+    """
+
+    def __init__(
+        self,
+        unet: UNetConfig | None = None,
+        clip_model: str = "tiny-vit",
+        clip_weights: str | None = None,
+        condition_on_image: bool = True,
+        condition_on_text: bool = True,
+        diffusion: DiffusionConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        optimizer: optim.OptimConfig | None = None,
+        drop_image_prob: float = 0.1,
+        drop_text_prob: float = 0.5,
+        val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
+        seed: int = 0,
+    ) -> None:
+        args = init_args(locals())
+        super().__init__()
+        unet_cfg, self.diffusion_cfg = as_config(UNetConfig, unet), as_config(DiffusionConfig, diffusion)
+        self.sampling, self.optim_cfg = as_config(SamplingConfig, sampling), as_config(optim.OptimConfig, optimizer)
+        self.conditioner = ClipConditioner(clip_model, clip_weights)
+        unet_cfg = dataclasses.replace(
+            unet_cfg,
+            image_embed_dim=self.conditioner.embed_dim if condition_on_image else None,
+            text_embed_dim=self.conditioner.text_width if condition_on_text else None,
+        )
+        self.save_hyperparameters(to_plain({**args, "unet": unet_cfg}))
+        self.unet = UNet(unet_cfg)
+        self.diffusion = self.diffusion_cfg.build()
+
+    # -- training: DDPM Algorithm 1 + CFG dropout -------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x0 = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        cond = self.condition(batch, drop=True)
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1}
+        losses = self.diffusion.training_losses(self.unet, x0, t, model_kwargs=cond)  # ||eps - eps_theta||^2
+        loss = losses["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Loss at fixed timesteps with fixed noise, so validation curves are comparable."""
+        x0, cond = batch["image"], self.condition(batch, drop=False)
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        eps = noise(x0.shape, gen, x0.device)
+        total = 0.0
+        for step in self.hparams.val_timesteps:
+            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+            loss = self.diffusion.training_losses(self.unet, x0, t, model_kwargs=cond, noise=eps)["loss"].mean()
+            self.log(f"val/loss_t{step}", loss, batch_size=x0.shape[0])
+            total = total + loss
+        self.log("val/loss", total / len(self.hparams.val_timesteps), prog_bar=True, batch_size=x0.shape[0])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return optim.configure(self.unet, self.optim_cfg)
+
+    # -- conditioning --------------------------------------------------------------------------
+    def condition(self, batch: dict[str, Any], drop: bool) -> dict[str, Tensor]:
+        """U-Net keyword arguments; with `drop`, CFG dropout masks drawn per sample."""
+        hp = self.hparams
+        cond = self.conditioner(batch)
+        kwargs: dict[str, Tensor] = {}
+        batch_size = cond["text_embed"].shape[0]
+        device = cond["text_embed"].device
+        if hp.condition_on_image:
+            kwargs["image_embed"] = cond["image_embed"]
+            kwargs["drop_image"] = torch.rand(batch_size, device=device) < (hp.drop_image_prob if drop else 0.0)
+        if hp.condition_on_text:
+            kwargs["text_tokens"], kwargs["text_mask"] = cond["text_tokens"], cond["text_mask"]
+            kwargs["drop_text"] = torch.rand(batch_size, device=device) < (hp.drop_text_prob if drop else 0.0)
+        return kwargs
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: dict[str, Tensor],
+        *,
+        sampling: SamplingConfig | None = None,
+        generator: torch.Generator | None = None,
+        x_T: Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images (B, 3, S, S) in [-1, 1] from U-Net kwargs (see `condition`), guided per `sampling`."""
+        cfg = sampling or self.sampling
+        size, batch = self.unet.config.image_size, next(iter(cond.values())).shape[0]
+        if x_T is None:
+            x_T = noise((batch, self.unet.config.in_channels, size, size), generator, self.device)
+        drop_keys = [k for k in DROP_KEYS if k in cond]
+        return sample(
+            self.diffusion, self.unet, x_T, cfg, model_kwargs=cond, drop_keys=drop_keys, generator=generator, progress=progress
+        )
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], n: int = 8, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Guided samples for the first `n` validation conditions, next to the real images."""
+        batch = {k: v[:n] for k, v in batch.items() if isinstance(v, (Tensor, list))}
+        cond = self.condition(batch, drop=False)
+        gen = generator or torch.Generator(device="cpu").manual_seed(self.hparams.seed)
+        images = self.generate(cond, generator=gen)
+        return {"samples": to_unit(images), "real": to_unit(batch["image"]), "captions": list(batch.get("caption", []))}
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1] for image logging."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def init_args(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments from its `locals()` taken on entry (for plain-data hparams)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}

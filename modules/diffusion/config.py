@@ -1,0 +1,120 @@
+"""Typed configs that turn YAML into a diffusion process and a sampling run.
+
+Every stage (prior, decoder, upsamplers, the Imagen variant) trains with `DiffusionConfig.build()`
+and samples with `sample(...)`, so respacing, guidance and clipping are wired in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from modules.hparams import coerce_fields
+
+from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, VarianceType
+from .guidance import classifier_free_guidance, dynamic_threshold, static_clip
+from .samplers import Callback, ddim_sample, ddpm_sample
+from .schedules import Schedule, make_betas, space_timesteps
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and training target (DESIGN.md "Diffusion")."""
+
+    schedule: Schedule = Schedule.COSINE
+    timesteps: int = 1000
+    objective: Objective = Objective.EPS
+    variance: VarianceType = VarianceType.FIXED_SMALL
+    loss_weighting: LossWeighting = LossWeighting.NONE
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def build(self) -> GaussianDiffusion:
+        return GaussianDiffusion(
+            make_betas(self.schedule, self.timesteps),
+            objective=self.objective,
+            variance=self.variance,
+            loss_weighting=self.loss_weighting,
+            min_snr_gamma=self.min_snr_gamma,
+        )
+
+
+class Sampler(str, Enum):
+    DDPM = "ddpm"
+    DDIM = "ddim"
+
+
+class Clipping(str, Enum):
+    """What happens to the predicted x0 at each step."""
+
+    NONE = "none"
+    STATIC = "static"  # clamp to [-1, 1]
+    DYNAMIC = "dynamic"  # Imagen's percentile thresholding
+
+
+@dataclass
+class SamplingConfig:
+    """How a stage samples: respaced step count, DDIM eta, CFG scale, x0 clipping."""
+
+    sampler: Sampler = Sampler.DDIM
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    clipping: Clipping = Clipping.STATIC
+    dynamic_percentile: float = 0.995
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def clip_fn(self) -> ClipFn | None:
+        if self.clipping is Clipping.STATIC:
+            return static_clip
+        if self.clipping is Clipping.DYNAMIC:
+            return functools.partial(dynamic_threshold, percentile=self.dynamic_percentile)
+        return None
+
+
+def guided_model(diffusion: GaussianDiffusion, model: ModelFn, scale: float, drop_keys: Sequence[str]) -> ModelFn:
+    """`model` wrapped in classifier-free guidance, unless the scale is 1 or nothing can drop."""
+    if scale == 1.0 or not drop_keys:
+        return model
+    return classifier_free_guidance(model, scale, drop_keys=drop_keys, variance=diffusion.variance)
+
+
+def sample(
+    diffusion: GaussianDiffusion,
+    model: ModelFn,
+    x_T: Tensor,
+    cfg: SamplingConfig,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    drop_keys: Sequence[str] = (),
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0."""
+    respaced = diffusion.respaced(space_timesteps(diffusion.num_timesteps, cfg.steps))
+    fn = guided_model(diffusion, model, cfg.guidance_scale, drop_keys)
+    common: dict[str, Any] = dict(
+        model_kwargs=model_kwargs, clip=cfg.clip_fn(), generator=generator, progress=progress, callback=callback
+    )
+    if cfg.sampler is Sampler.DDIM:
+        return ddim_sample(respaced, fn, x_T, eta=cfg.eta, **common)
+    return ddpm_sample(respaced, fn, x_T, **common)
+
+
+def noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible across devices)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+ModelFactory = Callable[[], ModelFn]
