@@ -13,6 +13,8 @@ import sys
 from typing import Callable
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Modules that call `register(name, fn)` at import; a missing one is simply not there yet.
+PLUGINS = ("modules.commands", "modules.evaluate", "modules.pipeline_commands", "benchmarks.commands")
 
 
 class UserError(Exception):
@@ -80,7 +82,7 @@ def _load_plugins() -> None:
     """Import modules that register further subcommands (each owns its CLI wiring)."""
     import importlib
 
-    for name in ("modules.commands",):
+    for name in PLUGINS:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
