@@ -95,12 +95,15 @@ class DecoderModule(pl.LightningModule):
 
     # -- conditioning --------------------------------------------------------------------------
     def condition(self, batch: dict[str, Any], drop: bool) -> dict[str, Tensor]:
-        """U-Net keyword arguments; with `drop`, CFG dropout masks drawn per sample."""
+        """U-Net keyword arguments for a batch; with `drop`, CFG dropout masks drawn per sample."""
+        return self.unet_kwargs(self.conditioner(batch), drop=drop)
+
+    def unet_kwargs(self, cond: dict[str, Tensor], drop: bool = False) -> dict[str, Tensor]:
+        """CLIP conditioning (`image_embed`, `text_tokens`, `text_mask`) -> U-Net kwargs."""
         hp = self.hparams
-        cond = self.conditioner(batch)
         kwargs: dict[str, Tensor] = {}
-        batch_size = cond["text_embed"].shape[0]
-        device = cond["text_embed"].device
+        ref = cond["image_embed"] if "image_embed" in cond else cond["text_tokens"]
+        batch_size, device = ref.shape[0], ref.device
         if hp.condition_on_image:
             kwargs["image_embed"] = cond["image_embed"]
             kwargs["drop_image"] = torch.rand(batch_size, device=device) < (hp.drop_image_prob if drop else 0.0)

@@ -1,0 +1,99 @@
+"""Image manipulations with the bipartite latent (z_i, x_T) (Ramesh et al. 2022 §3).
+
+- Variations (§3.1): z_i = CLIP(image), x_T = DDIM inversion; decode with DDIM eta > 0.
+- Interpolations (§3.2): slerp between two images' z_i, decoder noise x_T fixed per row.
+- Text diffs (§3.3): z_d = norm(z_t - z_t0); slerp from z_i towards z_d with x_T from inversion.
+Images are conditioned on z_i alone (the caption input is dropped to its learned null).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modules.diffusion import ddim_invert
+from modules.diffusion.config import SamplingConfig, noise
+from modules.diffusion.schedules import space_timesteps
+from modules.pipeline import GenerateConfig, UnCLIPPipeline
+
+
+def slerp(a: Tensor, b: Tensor, theta: float | Tensor) -> Tensor:
+    """Spherical interpolation of unit vectors: sin((1-t)w)/sin(w) a + sin(t w)/sin(w) b."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    theta = torch.as_tensor(theta, dtype=a.dtype, device=a.device)
+    return (torch.sin((1 - theta) * omega) * a + torch.sin(theta * omega) * b) / torch.sin(omega)
+
+
+def to_decoder_input(pipe: UnCLIPPipeline, images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> decoder resolution in [-1, 1]."""
+    size = pipe.decoder.unet.config.image_size
+    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return (x * 2 - 1).clamp(-1, 1).to(pipe.device)
+
+
+@torch.no_grad()
+def invert(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50) -> tuple[Tensor, Tensor]:
+    """The bipartite latent (z_i, x_T) of images in [0, 1] (DDIM eta = 0 run backwards)."""
+    x0 = to_decoder_input(pipe, images)
+    z_i = pipe.clip.encode_image(x0)
+    diffusion = pipe.decoder.diffusion
+    respaced = diffusion.respaced(space_timesteps(diffusion.num_timesteps, steps))
+    x_T = ddim_invert(respaced, pipe.decoder.unet, x0, model_kwargs=pipe.decoder_kwargs(None, z_i), progress=False)
+    return z_i, x_T
+
+
+def _decode(pipe: UnCLIPPipeline, z_i: Tensor, x_T: Tensor, sampling: SamplingConfig, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = pipe.decoder_kwargs(None, z_i)
+    x = pipe.decoder.generate(kwargs, sampling=sampling, generator=gen, x_T=x_T)
+    for up in pipe.upsamplers:
+        x = up.generate(x, generator=gen)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_error(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50) -> tuple[Tensor, float]:
+    """Invert then decode with eta = 0: reconstructions at decoder size, mean |error| in [0, 1] units."""
+    z_i, x_T = invert(pipe, images, steps)
+    rec = pipe.decoder.generate(pipe.decoder_kwargs(None, z_i), sampling=SamplingConfig(steps=steps, eta=0.0, guidance_scale=1.0), x_T=x_T)
+    rec = ((rec + 1) / 2).clamp(0, 1)
+    target = (to_decoder_input(pipe, images) + 1) / 2
+    return rec, (rec - target).abs().mean().item()
+
+
+@torch.no_grad()
+def variations(pipe: UnCLIPPipeline, images: Tensor, num: int = 4, eta: float = 0.8, steps: int = 50,
+               guidance_scale: float = 1.0, seed: int = 0) -> Tensor:
+    """`num` variations per image, (B * num, 3, S, S) in [0, 1], image-major."""
+    z_i, x_T = invert(pipe, images, steps)
+    z_i, x_T = z_i.repeat_interleave(num, 0), x_T.repeat_interleave(num, 0)
+    return _decode(pipe, z_i, x_T, SamplingConfig(steps=steps, eta=eta, guidance_scale=guidance_scale), seed)
+
+
+@torch.no_grad()
+def interpolate(pipe: UnCLIPPipeline, image_a: Tensor, image_b: Tensor, num: int = 5, steps: int = 50,
+                guidance_scale: float = 1.0, seed: int = 0) -> Tensor:
+    """A row of `num` images from a to b: slerp on z_i, one fixed decoder noise x_T for the row."""
+    pair = torch.cat([image_a[:1], image_b[:1]])
+    z = pipe.clip.encode_image(to_decoder_input(pipe, pair))
+    thetas = torch.linspace(0, 1, num, device=z.device)[:, None]
+    z_row = slerp(z[:1].expand(num, -1), z[1:].expand(num, -1), thetas)
+    size = pipe.decoder.unet.config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    x_T = noise((1, 3, size, size), gen, pipe.device).expand(num, -1, -1, -1).contiguous()
+    return _decode(pipe, z_row, x_T, SamplingConfig(steps=steps, eta=0.0, guidance_scale=guidance_scale), seed)
+
+
+@torch.no_grad()
+def text_diff(pipe: UnCLIPPipeline, image: Tensor, base_caption: str, new_caption: str, num: int = 5,
+              max_theta: float = 0.5, steps: int = 50, guidance_scale: float = 1.0, seed: int = 0) -> Tensor:
+    """Move an image towards a caption change: z_d = norm(z_t - z_t0), slerp(z_i, z_d, theta)."""
+    z_i, x_T = invert(pipe, image[:1], steps)
+    texts = pipe.encode_text([base_caption, new_caption])["text_embed"]
+    z_d = F.normalize(texts[1:] - texts[:1], dim=-1)
+    thetas = torch.linspace(0, max_theta, num, device=z_i.device)[:, None]
+    z_row = slerp(z_i.expand(num, -1), z_d.expand(num, -1), thetas)
+    return _decode(pipe, z_row, x_T.expand(num, -1, -1, -1).contiguous(),
+                   SamplingConfig(steps=steps, eta=0.0, guidance_scale=guidance_scale), seed)

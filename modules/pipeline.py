@@ -1,0 +1,231 @@
+"""`UnCLIPPipeline`: text -> CLIP z_t -> prior z_i (best of n) -> decoder 64 px -> upsamplers.
+
+A pipeline directory holds `pipeline.json` (format name + version, and per stage its class path,
+plain hyperparameters and weight file) and one `.safetensors` file per stage: no pickle anywhere.
+Only the project's own stage classes may be named (a pipeline file cannot import arbitrary code).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from modules.conditioning import trim_tokens
+from modules.diffusion.config import SamplingConfig
+from modules.networks.clip import FrozenCLIP, read_state_dict
+
+FORMAT, VERSION = "unclip-pipeline", 1
+STAGE_CLASSES = {
+    "prior": ("modules.prior_module.PriorModule", "modules.ar_prior_module.ARPriorModule"),
+    "decoder": ("modules.decoder_module.DecoderModule",),
+    "upsampler": ("modules.superres_module.SuperResModule",),
+}
+
+
+class PipelineError(ValueError):
+    """A pipeline directory that cannot be loaded (one line naming the file and field)."""
+
+
+class PriorMode(str, Enum):
+    """Where the decoder's image embedding comes from."""
+
+    PRIOR = "prior"  # sampled by the prior (the paper)
+    TEXT = "text"  # z_t fed to the decoder directly ("no prior" ablation)
+
+
+@dataclass
+class GenerateConfig:
+    """Knobs of `UnCLIPPipeline.generate` (None: the stage's own sampling config)."""
+
+    prior_mode: PriorMode = PriorMode.PRIOR
+    num_candidates: int = 2
+    prior_sampling: SamplingConfig | None = None
+    decoder_sampling: SamplingConfig | None = None
+    upsampler_sampling: list[SamplingConfig | None] = field(default_factory=list)
+    batch_size: int = 16
+
+
+def _import(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _stage_class(kind: str, class_path: str, where: str) -> type:
+    if class_path not in STAGE_CLASSES[kind]:
+        raise PipelineError(f"{where}: class {class_path!r} is not an allowed {kind} stage ({', '.join(STAGE_CLASSES[kind])})")
+    return _import(class_path)
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def load_stage_checkpoint(kind: str, path: str | Path, class_path: str) -> nn.Module:
+    """A stage module from a Lightning checkpoint, loaded with `weights_only=True` (EMA weights
+    when the run used `EMAWeightAveraging`, which stores the average as `state_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{kind} checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PipelineError(f"refusing to load {path}: not loadable with weights_only=True ({type(exc).__name__})") from None
+    module = _stage_class(kind, class_path, str(path))(**ckpt.get("hyper_parameters", {}))
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
+
+
+class UnCLIPPipeline(nn.Module):
+    """The unCLIP cascade assembled from trained stages (all frozen, eval mode)."""
+
+    def __init__(self, clip: FrozenCLIP, decoder: nn.Module, prior: nn.Module | None = None,
+                 upsamplers: list[nn.Module] | None = None) -> None:
+        super().__init__()
+        self.clip, self.prior, self.decoder = clip, prior, decoder
+        self.upsamplers = nn.ModuleList(upsamplers or [])
+        self.tokenizer = open_clip.get_tokenizer(clip.model_name)
+        self.requires_grad_(False).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    # -- persistence -----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(cls, clip_model: str, clip_weights: str | None, decoder: str, prior: str | None = None,
+                         upsamplers: list[str] | None = None,
+                         prior_class: str = "modules.prior_module.PriorModule") -> UnCLIPPipeline:
+        return cls(
+            FrozenCLIP(clip_model, clip_weights),
+            load_stage_checkpoint("decoder", decoder, STAGE_CLASSES["decoder"][0]),
+            load_stage_checkpoint("prior", prior, prior_class) if prior else None,
+            [load_stage_checkpoint("upsampler", p, STAGE_CLASSES["upsampler"][0]) for p in upsamplers or []],
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the pipeline directory atomically (a crash never leaves a half-written one)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        spec: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+        spec["clip"] = {"model_name": self.clip.model_name, "weights": "clip.safetensors"}
+        _save_weights(self.clip.model, tmp / "clip.safetensors")
+        stages = [("decoder", self.decoder)] + ([("prior", self.prior)] if self.prior is not None else [])
+        for kind, module in stages:
+            spec[kind] = self._save_stage(module, tmp, kind)
+        spec["upsamplers"] = [self._save_stage(m, tmp, f"upsampler{i}") for i, m in enumerate(self.upsamplers)]
+        (tmp / "pipeline.json").write_text(json.dumps(spec, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+        return directory
+
+    @staticmethod
+    def _save_stage(module: nn.Module, directory: Path, name: str) -> dict[str, Any]:
+        _save_weights(module, directory / f"{name}.safetensors")
+        return {"class_path": _class_path(module), "hparams": dict(module.hparams), "weights": f"{name}.safetensors"}
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> UnCLIPPipeline:
+        directory = Path(directory)
+        spec_path = directory / "pipeline.json"
+        if not spec_path.is_file():
+            raise PipelineError(f"not a pipeline directory (no pipeline.json): {directory}")
+        try:
+            spec = json.loads(spec_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"{spec_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        if spec.get("format") != FORMAT or spec.get("version") != VERSION:
+            raise PipelineError(f"{spec_path}: field 'format'/'version' is {spec.get('format')!r}/{spec.get('version')!r}, expected {FORMAT!r}/{VERSION}")
+        for key in ("clip", "decoder"):
+            if key not in spec:
+                raise PipelineError(f"{spec_path}: missing field {key!r}")
+        clip = FrozenCLIP(spec["clip"]["model_name"])
+        clip.model.load_state_dict(read_state_dict(directory / spec["clip"]["weights"]))
+
+        def stage(kind: str, entry: dict[str, Any]) -> nn.Module:
+            module = _stage_class(kind, entry["class_path"], str(spec_path))(**entry["hparams"])
+            weights = directory / entry["weights"]
+            if not weights.is_file():
+                raise PipelineError(f"{spec_path}: weights file {entry['weights']!r} is missing")
+            module.load_state_dict(load_file(str(weights)))
+            return module
+
+        prior = stage("prior", spec["prior"]) if spec.get("prior") else None
+        ups = [stage("upsampler", e) for e in spec.get("upsamplers", [])]
+        return cls(clip, stage("decoder", spec["decoder"]), prior, ups).to(device)
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
+        """CLIP text conditioning: z_t (B, D), token encodings (B, L, W) trimmed, mask (B, L)."""
+        text = self.clip.encode_text(self.tokenizer(prompts).to(self.device))
+        tokens, mask = trim_tokens(text.tokens, text.mask)
+        return {"text_embed": text.embed, "text_tokens": tokens, "text_mask": mask}
+
+    @torch.no_grad()
+    def image_embeddings(self, text: dict[str, Tensor], cfg: GenerateConfig, generator: torch.Generator | None) -> Tensor:
+        """z_i for each prompt: sampled by the prior, or z_t itself for the no-prior ablation."""
+        if cfg.prior_mode is PriorMode.TEXT or self.prior is None:
+            return text["text_embed"]
+        return self.prior.generate(text, num_candidates=cfg.num_candidates, sampling=cfg.prior_sampling, generator=generator)
+
+    @torch.no_grad()
+    def decode(self, text: dict[str, Tensor], image_embed: Tensor, cfg: GenerateConfig,
+               generator: torch.Generator | None, x_T: Tensor | None = None) -> Tensor:
+        """Decoder then upsamplers: images (B, 3, S, S) in [-1, 1] at the final resolution."""
+        kwargs = self.decoder_kwargs(text, image_embed)
+        x = self.decoder.generate(kwargs, sampling=cfg.decoder_sampling, generator=generator, x_T=x_T)
+        for i, up in enumerate(self.upsamplers):
+            sampling = cfg.upsampler_sampling[i] if i < len(cfg.upsampler_sampling) else None
+            x = up.generate(x, sampling=sampling, generator=generator)
+        return x
+
+    def decoder_kwargs(self, text: dict[str, Tensor] | None, image_embed: Tensor) -> dict[str, Tensor]:
+        """U-Net kwargs; `text=None` conditions on the image embedding alone (caption dropped)."""
+        if text is not None:
+            return self.decoder.unet_kwargs({**text, "image_embed": image_embed}, drop=False)
+        text = self.encode_text([" "] * image_embed.shape[0])
+        kwargs = self.decoder.unet_kwargs({**text, "image_embed": image_embed}, drop=False)
+        if "drop_text" in kwargs:
+            kwargs["drop_text"] = torch.ones_like(kwargs["drop_text"])
+        return kwargs
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_images: int = 1, *, seed: int = 0,
+                 config: GenerateConfig | None = None) -> Tensor:
+        """(len(prompts) * num_images, 3, S, S) in [0, 1], prompt-major order, seeded."""
+        cfg = config or GenerateConfig()
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("prompts must be non-empty strings")
+        expanded = [p for p in prompts for _ in range(num_images)]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        out = []
+        for start in range(0, len(expanded), cfg.batch_size):
+            chunk = expanded[start : start + cfg.batch_size]
+            text = self.encode_text(chunk)
+            z_i = self.image_embeddings(text, cfg, generator)
+            out.append(self.decode(text, z_i, cfg, generator))
+        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+
+def _save_weights(module: nn.Module, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path))

@@ -1,0 +1,122 @@
+"""UnCLIPPipeline: safe save/load round trip, generation CLI conventions, manipulations, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modules.cli import main
+from modules.decoder_module import DecoderModule
+from modules.manipulations import interpolate, reconstruction_error, slerp, text_diff, variations
+from modules.networks.clip import FrozenCLIP
+from modules.networks.unet import UNetConfig
+from modules.pipeline import GenerateConfig, PipelineError, PriorMode, UnCLIPPipeline
+from modules.diffusion.config import SamplingConfig
+
+FAST = {"steps": 3, "guidance_scale": 2.0}
+
+
+def _pipeline() -> UnCLIPPipeline:
+    torch.manual_seed(0)
+    unet = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(8,), num_head_channels=16)
+    decoder = DecoderModule(unet=unet, clip_model="tiny-vit", sampling=FAST)
+    with torch.no_grad():  # wake up zero-initialised layers so outputs depend on inputs
+        for p in decoder.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return UnCLIPPipeline(FrozenCLIP("tiny-vit"), decoder)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return _pipeline().save(tmp_path_factory.mktemp("p") / "pipe")
+
+
+def test_save_load_round_trip_is_exact(saved: Path):
+    pipe = _pipeline()
+    loaded = UnCLIPPipeline.load(saved)
+    spec = json.loads((saved / "pipeline.json").read_text())
+    assert spec["format"] == "unclip-pipeline" and spec["version"] == 1
+    assert sorted(p.name for p in saved.iterdir()) == ["clip.safetensors", "decoder.safetensors", "pipeline.json"]
+    a = pipe.generate(["a red circle", "a blue square"], 2, seed=7)
+    b = loaded.generate(["a red circle", "a blue square"], 2, seed=7)
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, seed=8))
+
+
+def test_no_prior_mode_uses_text_embedding(saved: Path):
+    pipe = UnCLIPPipeline.load(saved)
+    text = pipe.encode_text(["a red circle"])
+    z = pipe.image_embeddings(text, GenerateConfig(prior_mode=PriorMode.TEXT), None)
+    assert torch.equal(z, text["text_embed"])
+
+
+def test_refuses_unknown_class_and_bad_version(saved: Path, tmp_path: Path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    spec = json.loads((bad / "pipeline.json").read_text())
+    spec["decoder"]["class_path"] = "os.system"
+    (bad / "pipeline.json").write_text(json.dumps(spec))
+    with pytest.raises(PipelineError, match="not an allowed decoder"):
+        UnCLIPPipeline.load(bad)
+    spec["version"] = 99
+    (bad / "pipeline.json").write_text(json.dumps(spec))
+    with pytest.raises(PipelineError, match="version"):
+        UnCLIPPipeline.load(bad)
+
+
+def test_generate_cli_conventions(saved: Path, tmp_path: Path):
+    out = tmp_path / "gen"
+    rc = main(["generate", "--pipeline", str(saved), "--prompt", "a red circle", "--prompt", "a green square",
+               "--num-images", "2", "--seed", "1", "--out", str(out), "--steps", "3"])
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.json"]
+    assert json.loads((out / "prompts.json").read_text()) == {"000": "a red circle", "001": "a green square"}
+    assert Image.open(out / "000_00.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--pipeline", "/nonexistent/pipe", "--prompt", "x", "--out", "o"], "not a pipeline directory"),
+    (["generate", "--pipeline", "PIPE", "--prompt", "  ", "--out", "o"], "empty"),
+    (["vary", "--pipeline", "PIPE", "--image", "NOTIMG", "--out", "o"], "not an image file"),
+    (["interpolate", "--pipeline", "PIPE", "--image", "NOTIMG", "--out", "o"], "exactly twice"),
+])
+def test_bad_input_is_one_clear_line(saved: Path, tmp_path: Path, capsys, argv, message):
+    notimg = tmp_path / "x.png"
+    notimg.write_text("hello")
+    argv = [str(saved) if a == "PIPE" else str(notimg) if a == "NOTIMG" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_slerp_endpoints_and_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1), torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    assert torch.allclose(mid.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose((mid * a).sum(-1), (mid * b).sum(-1), atol=1e-5)  # equidistant
+
+
+def test_manipulations_shapes_and_determinism(saved: Path):
+    pipe = UnCLIPPipeline.load(saved)
+    img = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    v1 = variations(pipe, img, num=2, eta=0.8, steps=4, seed=3)
+    v2 = variations(pipe, img, num=2, eta=0.8, steps=4, seed=3)
+    assert v1.shape == (4, 3, 16, 16) and torch.equal(v1, v2)
+    assert not torch.allclose(v1[0], v1[1])  # eta > 0: the two variations differ
+    row = interpolate(pipe, img[:1], img[1:], num=3, steps=4)
+    assert row.shape == (3, 3, 16, 16)
+    diff = text_diff(pipe, img[:1], "a red circle", "a blue circle", num=3, steps=4)
+    assert diff.shape == (3, 3, 16, 16)
+    rec, err = reconstruction_error(pipe, img, steps=4)
+    assert rec.shape == (2, 3, 16, 16) and np.isfinite(err)
