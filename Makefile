@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml scripts/fix_torchvision.py
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -c "import torch; v = torch.__version__.split('+')[0]; print(f'torch=={v}')" > $(VENV)/constraints.txt
 	echo "torchvision==0.28.0" >> $(VENV)/constraints.txt
-	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PY) -m pip install -q -e '.[dev]'
+	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PY) -m pip install -q -e '.[dev,imagen]'
 	$(PY) scripts/fix_torchvision.py
 	touch $@
 

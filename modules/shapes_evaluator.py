@@ -1,0 +1,160 @@
+"""Deterministic compositional evaluator for the built-in shapes domain.
+
+Reads an image, finds the coloured objects and names them, so generated images can be scored
+against their prompt without a learned model:
+
+1. colour: every pixel is assigned to the nearest palette colour (`datamodules.shapes.COLORS`)
+   or to the white background, if it is within `max_color_distance` of it (RGB euclidean);
+2. objects: connected components per colour, small fragments (anti-aliased edges, noise)
+   dropped below `min_area_fraction` of the image;
+3. shape: the fill ratio area / bbox-area separates square (1.0), circle (pi/4 = 0.785) and
+   triangle (0.5), with the triangle's apex-up mass (more pixels in the bottom half) as a
+   tie-breaker;
+4. relation between two objects: the dominant axis of the centre offset, as in the generator.
+
+`evaluate_image(image, caption)` scores one image; `accuracy_table` aggregates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from datamodules.shapes import COLORS, Obj, Relation, parse_caption
+
+PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (6, 3)
+PALETTE_NAMES = list(COLORS)
+WHITE = np.array([255, 255, 255], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Detection:
+    color: str
+    shape: str
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (half-open)
+    area: int
+
+    @property
+    def obj(self) -> Obj:
+        return Obj(self.color, self.shape)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.bbox[0] + self.bbox[2]) / 2, (self.bbox[1] + self.bbox[3]) / 2
+
+
+@dataclass
+class EvaluatorConfig:
+    max_color_distance: float = 90.0
+    min_area_fraction: float = 0.01
+    square_min_fill: float = 0.9
+    circle_min_fill: float = 0.66
+
+
+def _as_array(image: Any) -> np.ndarray:
+    """PIL image, (H, W, 3) uint8 array or (3, H, W) float tensor in [0, 1] -> (H, W, 3) float32."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    if hasattr(image, "detach"):  # torch tensor (3, H, W) in [0, 1]
+        return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0
+    arr = np.asarray(image, dtype=np.float32)
+    return arr if arr.max() > 1.5 else arr * 255.0
+
+
+def _shape_of(mask: np.ndarray, cfg: EvaluatorConfig) -> str:
+    """Classify a component's pixels (cropped to its bbox) by fill ratio and vertical mass."""
+    fill = mask.mean()
+    if fill >= cfg.square_min_fill:
+        return "square"
+    if fill >= cfg.circle_min_fill:
+        return "circle"
+    half = mask.shape[0] // 2
+    bottom_heavy = mask[half:].sum() > 1.3 * mask[:half].sum()
+    return "triangle" if bottom_heavy or fill < 0.6 else "circle"
+
+
+def detect_objects(image: Any, cfg: EvaluatorConfig | None = None) -> list[Detection]:
+    """Coloured objects in an image, largest first."""
+    cfg = cfg or EvaluatorConfig()
+    rgb = _as_array(image)  # (H, W, 3)
+    h, w, _ = rgb.shape
+    dist = np.linalg.norm(rgb[:, :, None, :] - PALETTE[None, None], axis=-1)  # (H, W, 6)
+    nearest = dist.argmin(-1)
+    near_enough = dist.min(-1) <= cfg.max_color_distance
+    background = np.linalg.norm(rgb - WHITE, axis=-1) < dist.min(-1)
+    min_area = max(4, int(cfg.min_area_fraction * h * w))
+    found: list[Detection] = []
+    for c, name in enumerate(PALETTE_NAMES):
+        mask = (nearest == c) & near_enough & ~background
+        if mask.sum() < min_area:
+            continue
+        labels, n = ndimage.label(mask)
+        for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+            comp = labels[sl] == idx
+            area = int(comp.sum())
+            if area < min_area:
+                continue
+            bbox = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+            found.append(Detection(name, _shape_of(comp, cfg), bbox, area))
+    return sorted(found, key=lambda d: -d.area)
+
+
+def relation_between(a: Detection, b: Detection) -> str:
+    """"A R B" from the dominant axis of the centre offset (image y grows downwards)."""
+    dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+    if abs(dx) >= abs(dy):
+        return Relation.LEFT.value if dx > 0 else Relation.RIGHT.value
+    return Relation.ABOVE.value if dy > 0 else Relation.BELOW.value
+
+
+def evaluate_image(image: Any, caption: str, cfg: EvaluatorConfig | None = None) -> dict[str, Any]:
+    """Score one image against its shapes caption.
+
+    `objects_correct`: the detected objects are exactly the caption's (colour and shape);
+    `relation_correct`: for two objects, the relation between the detected subject and object
+    is the caption's; `correct`: both (single-object captions need only the objects).
+    """
+    expected, relation, _ = parse_caption(caption)
+    detections = detect_objects(image, cfg)
+    detected = [d.obj for d in detections]
+    objects_correct = sorted(detected) == sorted(expected)
+    relation_correct = None
+    if relation is not None:
+        relation_correct = False
+        if objects_correct:
+            subject = next(d for d in detections if d.obj == expected[0])
+            other = next(d for d in detections if d.obj == expected[1])
+            relation_correct = relation_between(subject, other) == relation
+    correct = objects_correct and (relation_correct is not False)
+    return {
+        "caption": caption,
+        "num_objects": len(expected),
+        "detected": [f"{o.color} {o.shape}" for o in detected],
+        "objects_correct": objects_correct,
+        "relation_correct": relation_correct,
+        "correct": correct,
+    }
+
+
+def accuracy_table(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Single-object accuracy (colour and shape right), two-object accuracy (both objects and
+    the relation right), and two-object object-only accuracy (binding without the relation)."""
+    results = list(results)
+    single = [r for r in results if r["num_objects"] == 1]
+    double = [r for r in results if r["num_objects"] == 2]
+
+    def frac(rows: list[dict[str, Any]], key: str) -> float | None:
+        return float(np.mean([bool(r[key]) for r in rows])) if rows else None
+
+    return {
+        "n_single": len(single),
+        "n_two": len(double),
+        "single_object_accuracy": frac(single, "correct"),
+        "two_object_accuracy": frac(double, "correct"),
+        "two_object_objects_accuracy": frac(double, "objects_correct"),
+        "overall_accuracy": frac(results, "correct"),
+    }

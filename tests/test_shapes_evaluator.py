@@ -1,0 +1,50 @@
+"""The compositional evaluator: >= 99% on ground truth, and it rejects wrong captions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from datamodules.shapes import Split, describe, render_sample
+from modules.shapes_evaluator import accuracy_table, detect_objects, evaluate_image
+
+SWAP_COLOR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "purple", "purple": "orange", "orange": "red"}
+SWAP_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
+FLIP = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def _samples(n: int, size: int, seed: int = 0):
+    for i in range(n):
+        yield render_sample(np.random.default_rng([seed, 7, i]), size, split=Split.VAL)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_ground_truth_accuracy_at_least_99_percent(size: int):
+    results = [evaluate_image(img, truth["caption"]) for img, truth in _samples(300, size)]
+    table = accuracy_table(results)
+    assert table["n_single"] > 100 and table["n_two"] > 100
+    assert table["single_object_accuracy"] >= 0.99, table
+    assert table["two_object_accuracy"] >= 0.99, table
+
+
+def test_wrong_captions_are_rejected():
+    for img, truth in _samples(60, 64, seed=1):
+        objs = truth["objects"]
+        wrong_color = {**truth, "objects": [{**objs[0], "color": SWAP_COLOR[objs[0]["color"]]}] + objs[1:]}
+        wrong_shape = {**truth, "objects": [{**objs[0], "shape": SWAP_SHAPE[objs[0]["shape"]]}] + objs[1:]}
+        for wrong in (wrong_color, wrong_shape):
+            if len(objs) == 2 and wrong["objects"][0]["color"] == objs[1]["color"] and wrong["objects"][0]["shape"] == objs[1]["shape"]:
+                continue  # the edit produced the other object itself: not a wrong caption
+            assert not evaluate_image(img, describe(wrong))["correct"]
+        if truth["relation"]:
+            flipped = describe({**truth, "relation": FLIP[truth["relation"]]})
+            result = evaluate_image(img, flipped)
+            assert result["objects_correct"] and not result["correct"]
+
+
+def test_blank_and_blurred_images():
+    assert detect_objects(Image.new("RGB", (32, 32), "white")) == []
+    img, truth = next(_samples(1, 64, seed=3))
+    blurred = img.filter(ImageFilter.GaussianBlur(1.0))
+    assert evaluate_image(blurred, truth["caption"])["correct"]
