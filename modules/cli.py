@@ -8,13 +8,27 @@ are plain argparse programs registered in `COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Callable
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-# Modules that call `register(name, fn)` at import; a missing one is simply not there yet.
-PLUGINS = ("modules.commands", "modules.evaluate", "modules.pipeline_commands", "benchmarks.commands")
+# Project subcommand -> the module that registers it (`register(name, fn)` at import). Only the
+# chosen command's module is imported, so `unclip --help` and `unclip data` start fast.
+COMMAND_MODULES = {
+    "data": "modules.cli",
+    "embed": "modules.commands",
+    "evaluate": "modules.evaluate",
+    "evaluate-shapes": "modules.compositional_eval",
+    "pipeline": "modules.pipeline_commands",
+    "generate": "modules.pipeline_commands",
+    "vary": "modules.pipeline_commands",
+    "interpolate": "modules.pipeline_commands",
+    "textdiff": "modules.pipeline_commands",
+    "demo": "modules.demo",
+    "bench": "benchmarks.commands",
+}
 
 
 class UserError(Exception):
@@ -47,14 +61,13 @@ def _lightning_cli(argv: list[str]) -> int:
 
 
 def _usage() -> str:
-    names = ", ".join([*LIGHTNING_COMMANDS, *sorted(COMMANDS)])
+    names = ", ".join([*LIGHTNING_COMMANDS, *COMMAND_MODULES])
     return f"usage: unclip {{{names}}} ... (unclip COMMAND --help for details)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _load_plugins()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -62,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in LIGHTNING_COMMANDS:
             return _lightning_cli(argv)
-        if command in COMMANDS:
+        if command in COMMAND_MODULES:
+            importlib.import_module(COMMAND_MODULES[command])
             return COMMANDS[command](rest)
         raise UserError(f"unknown command {command!r}; {_usage()}")
     except (UserError, FileNotFoundError, ValueError) as exc:
@@ -78,17 +92,9 @@ def _is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, (UserError, ShardPatternError, FileNotFoundError))
 
 
-def _load_plugins() -> None:
-    """Import modules that register further subcommands (each owns its CLI wiring)."""
-    import importlib
-
-    for name in PLUGINS:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m modules.cli`: dispatch through the importable module, whose COMMANDS the
+    # plugin modules register into (this file runs as `__main__`, a second copy).
+    from modules.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,134 @@
+"""`unclip demo`: the whole unCLIP pipeline on the built-in shapes data, on 2 CPU cores.
+
+shapes shards -> CLIP -> embedding export -> diffusion prior -> decoder -> upsampler ->
+pipeline directory -> generated grid + compositional accuracy (with and without the prior) ->
+evaluation report. Each training stage is `unclip fit --config experiments/<stage>/tiny.yaml
+--config experiments/demo/<stage>.yaml` (the demo overlay sets budgets and paths) in its own
+process. A finished stage leaves `<out>/<stage>/DONE` and is skipped on the next run (`--force`
+redoes everything). Per-stage wall times go to `<out>/timings.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from modules.cli import UserError, register
+
+DEMO_PROMPTS = [
+    "a red circle", "a blue square", "a green triangle", "a yellow circle",
+    "a purple square", "an orange triangle", "a photo of a blue circle", "a picture of a red square",
+    "a red circle to the left of a blue square", "a green triangle above a yellow circle",
+    "a purple square below an orange circle", "a blue triangle to the right of a red square",
+]
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[], None]
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "modules.cli"]
+
+
+def _check(cmd: list[str]) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise UserError(f"stage command failed (exit {result.returncode}): {' '.join(cmd)}")
+
+
+def _fit(stage: str, extra: list[str] | None = None) -> None:
+    _check(_python() + ["fit", "--config", f"experiments/{stage}/tiny.yaml", "--config", f"experiments/demo/{stage}.yaml", *(extra or [])])
+
+
+class Demo:
+    """The demo's stages, in order, over one output layout (fixed by experiments/demo/*.yaml)."""
+
+    def __init__(self, out: Path, num_samples: int, eval_prompts: int) -> None:
+        self.out, self.num_samples, self.eval_prompts = out, num_samples, eval_prompts
+        self.data = out / "data" / "shapes"
+        self.emb = out / "data" / "shapes-emb"
+        self.pipeline = out / "pipeline"
+
+    def ckpt(self, stage: str) -> str:
+        return str(self.out / stage / "checkpoints" / "last.ckpt")
+
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("data", lambda: _check(_python() + ["data", "shapes", "--out", str(self.data), "--num-samples",
+                                                       str(self.num_samples), "--size", "64", "--seed", "0"])),
+            Stage("clip", lambda: _fit("clip")),
+            Stage("embed", lambda: _check(_python() + ["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
+                                                        "--shards", str(self.data / "*.tar"), "--out", str(self.emb)])),
+            Stage("prior", lambda: _fit("prior")),
+            Stage("decoder", lambda: _fit("decoder")),
+            Stage("superres", lambda: _fit("superres")),
+            Stage("pipeline", lambda: _check(_python() + [
+                "pipeline", "--clip-model", "tiny-vit", "--clip-weights", self.ckpt("clip"), "--prior", self.ckpt("prior"),
+                "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--out", str(self.pipeline)])),
+            Stage("generate", self.generate),
+            Stage("evaluate", self.evaluate),
+        ]
+
+    def generate(self) -> None:
+        prompts = self.out / "prompts.txt"
+        prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
+        _check(_python() + ["generate", "--pipeline", str(self.pipeline), "--prompts-file", str(prompts),
+                            "--num-images", "4", "--seed", "0", "--out", str(self.out / "samples")])
+
+    def evaluate(self) -> None:
+        _check(_python() + ["evaluate-shapes", "--pipeline", str(self.pipeline), "--shards", str(self.data / "val-*.tar"),
+                            "--num-prompts", str(self.eval_prompts), "--out", str(self.out / "report")])
+
+    def run(self, force: bool, only: list[str] | None) -> dict[str, float]:
+        timings_path = self.out / "timings.json"
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() and not force else {}
+        for stage in self.stages():
+            if only and stage.name not in only:
+                continue
+            done = self.out / stage.name / "DONE"
+            if done.exists() and not force and not only:
+                print(f"== {stage.name}: done before ({timings.get(stage.name, 0):.0f} s), skipped", flush=True)
+                continue
+            print(f"== {stage.name}", flush=True)
+            start = time.perf_counter()
+            stage.run()
+            timings[stage.name] = round(time.perf_counter() - start, 1)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(f"{timings[stage.name]}\n")
+            timings_path.write_text(json.dumps(timings, indent=2))
+        return timings
+
+
+def cmd_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="unclip demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="output root (the demo YAMLs expect runs/demo)")
+    p.add_argument("--num-samples", type=int, default=20000)
+    p.add_argument("--eval-prompts", type=int, default=200, help="val captions scored with and without the prior")
+    p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--only", nargs="*", help="run only these stages")
+    a = p.parse_args(argv)
+    if Path(a.out) != Path("runs/demo"):
+        raise UserError("--out must be runs/demo (the paths in experiments/demo/*.yaml)")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    start = time.perf_counter()
+    timings = Demo(Path(a.out), a.num_samples, a.eval_prompts).run(a.force, a.only)
+    print("\nstage        seconds")
+    for name, secs in timings.items():
+        print(f"{name:<12} {secs:>7.1f}")
+    print(f"{'total':<12} {sum(timings.values()):>7.1f}   (this invocation: {time.perf_counter() - start:.1f} s)")
+    print(f"\nsamples: {a.out}/samples/grid.png   report: {a.out}/report/report.html")
+    return 0
+
+
+register("demo", cmd_demo)
