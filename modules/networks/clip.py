@@ -233,7 +233,7 @@ class FrozenCLIP(nn.Module):
         self.model_name = model_name
         self.model = create_clip(model_name, pretrained)
         self.model.requires_grad_(False)
-        self.model.eval()
+        self.train(False)  # eval mode, for this wrapper and the model alike
         self.image_size, mean, std = image_input_spec(self.model)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
