@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.hparams import coerce_fields
 from modules.networks.unet import UNet, UNetConfig
 from modules.networks.unet_blocks import timestep_embedding
 
@@ -44,7 +45,7 @@ class SuperResUNetConfig(UNetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.interpolation = Interpolation(self.interpolation)
+        coerce_fields(self)  # enum names (checkpoints, YAML) or values
         if self.low_res_channels is None:
             self.low_res_channels = self.in_channels
 
