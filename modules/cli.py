@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -54,9 +55,14 @@ def register(name: str, fn: Callable[[list[str]], int]) -> None:
 
 
 def _lightning_cli(argv: list[str]) -> int:
-    from modules.lightning_cli import UnclipCLI
+    """LightningCLI with parse errors raised (not printed with the whole usage) so that `main`
+    reports them as one line naming the key."""
+    from modules.lightning_cli import UnclipCLI, parse_error
 
-    UnclipCLI(args=argv)
+    try:
+        UnclipCLI(args=argv, parser_kwargs={"exit_on_error": False})
+    except argparse.ArgumentError as exc:
+        raise parse_error(exc) from None
     return 0
 
 
@@ -79,17 +85,51 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(COMMAND_MODULES[command])
             return COMMANDS[command](rest)
         raise UserError(f"unknown command {command!r}; {_usage()}")
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except SystemExit as exc:
+        return _on_exit(command, exc)
+    except Exception as exc:
+        if _is_training_stop(exc):
+            print(f"unclip {command}: error: {exc}", file=sys.stderr)
+            return 1
         if not _is_user_error(exc):
             raise
-        print(f"unclip {command}: error: {exc}", file=sys.stderr)
+        print(f"unclip {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _on_exit(command: str, exc: SystemExit) -> int:
+    """Lightning raises `SIGTERMException` (a SystemExit) after a SIGTERM stopped training; report
+    the conventional 128 + SIGTERM status so schedulers see a pre-empted, not a finished, job."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(exc, SIGTERMException):
+        print(f"unclip {command}: stopped by SIGTERM (checkpoint saved; resume with --ckpt_path last)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    raise exc
+
+
+def _is_training_stop(exc: BaseException) -> bool:
+    if "callbacks.reliability" not in sys.modules:
+        return False
+    from callbacks.reliability import NonFiniteLossError
+
+    return isinstance(exc, NonFiniteLossError)
 
 
 def _is_user_error(exc: BaseException) -> bool:
     from datamodules.stages import ShardPatternError
 
-    return isinstance(exc, (UserError, ShardPatternError, FileNotFoundError))
+    user = (UserError, ShardPatternError, FileNotFoundError)
+    if "callbacks.checkpointing" in sys.modules:
+        from callbacks.checkpointing import CheckpointReadError
+
+        user += (CheckpointReadError,)
+    return isinstance(exc, user)
 
 
 if __name__ == "__main__":
