@@ -12,16 +12,18 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from modules.cli import UserError
 from modules.conditioning import trim_tokens
 from modules.diffusion.config import SamplingConfig
 from modules.networks.clip import FrozenCLIP, read_state_dict
@@ -34,7 +36,7 @@ STAGE_CLASSES = {
 }
 
 
-class PipelineError(ValueError):
+class PipelineError(UserError, ValueError):
     """A pipeline directory that cannot be loaded (one line naming the file and field)."""
 
 
@@ -116,61 +118,26 @@ class UnCLIPPipeline(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write the pipeline directory atomically (a crash never leaves a half-written one)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        spec: dict[str, Any] = {"format": FORMAT, "version": VERSION}
-        spec["clip"] = {"model_name": self.clip.model_name, "weights": "clip.safetensors"}
-        _save_weights(self.clip.model, tmp / "clip.safetensors")
-        stages = [("decoder", self.decoder)] + ([("prior", self.prior)] if self.prior is not None else [])
-        for kind, module in stages:
-            spec[kind] = self._save_stage(module, tmp, kind)
-        spec["upsamplers"] = [self._save_stage(m, tmp, f"upsampler{i}") for i, m in enumerate(self.upsamplers)]
-        (tmp / "pipeline.json").write_text(json.dumps(spec, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-        return directory
-
-    @staticmethod
-    def _save_stage(module: nn.Module, directory: Path, name: str) -> dict[str, Any]:
-        _save_weights(module, directory / f"{name}.safetensors")
-        return {"class_path": _class_path(module), "hparams": dict(module.hparams), "weights": f"{name}.safetensors"}
+        with atomic_directory(directory) as tmp:
+            spec: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+            spec["clip"] = {"model_name": self.clip.model_name, "weights": "clip.safetensors"}
+            _save_weights(self.clip.model, tmp / "clip.safetensors")
+            stages = [("decoder", self.decoder)] + ([("prior", self.prior)] if self.prior is not None else [])
+            for kind, module in stages:
+                spec[kind] = save_stage(module, tmp, kind)
+            spec["upsamplers"] = [save_stage(m, tmp, f"upsampler{i}") for i, m in enumerate(self.upsamplers)]
+            (tmp / "pipeline.json").write_text(json.dumps(spec, indent=2))
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> UnCLIPPipeline:
         directory = Path(directory)
-        spec_path = directory / "pipeline.json"
-        if not spec_path.is_file():
-            raise PipelineError(f"not a pipeline directory (no pipeline.json): {directory}")
-        try:
-            spec = json.loads(spec_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PipelineError(f"{spec_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-        if spec.get("format") != FORMAT or spec.get("version") != VERSION:
-            raise PipelineError(f"{spec_path}: field 'format'/'version' is {spec.get('format')!r}/{spec.get('version')!r}, expected {FORMAT!r}/{VERSION}")
-        for key in ("clip", "decoder"):
-            if key not in spec:
-                raise PipelineError(f"{spec_path}: missing field {key!r}")
+        spec, spec_path = read_spec(directory, FORMAT, VERSION, required=("clip", "decoder"))
         clip = FrozenCLIP(spec["clip"]["model_name"])
         clip.model.load_state_dict(read_state_dict(directory / spec["clip"]["weights"]))
-
-        def stage(kind: str, entry: dict[str, Any]) -> nn.Module:
-            module = _stage_class(kind, entry["class_path"], str(spec_path))(**entry["hparams"])
-            weights = directory / entry["weights"]
-            if not weights.is_file():
-                raise PipelineError(f"{spec_path}: weights file {entry['weights']!r} is missing")
-            module.load_state_dict(load_file(str(weights)))
-            return module
-
-        prior = stage("prior", spec["prior"]) if spec.get("prior") else None
-        ups = [stage("upsampler", e) for e in spec.get("upsamplers", [])]
-        return cls(clip, stage("decoder", spec["decoder"]), prior, ups).to(device)
+        prior = load_stage("prior", spec["prior"], directory, spec_path) if spec.get("prior") else None
+        ups = [load_stage("upsampler", e, directory, spec_path) for e in spec.get("upsamplers", [])]
+        return cls(clip, load_stage("decoder", spec["decoder"], directory, spec_path), prior, ups).to(device)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,6 +193,83 @@ class UnCLIPPipeline(nn.Module):
         return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
 
+# -- pipeline directories (shared with `modules.imagen_pipeline`) -------------------------------
+@contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a fresh folder beside `directory`; when the block succeeds it replaces `directory`
+    with `os.replace`, so readers see the old or the new pipeline, never half of one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+
+
+def save_stage(module: nn.Module, directory: Path, name: str) -> dict[str, Any]:
+    """Write `name.safetensors`; returns the stage's `pipeline.json` entry."""
+    _save_weights(module, directory / f"{name}.safetensors")
+    return {"class_path": _class_path(module), "hparams": dict(module.hparams), "weights": f"{name}.safetensors"}
+
+
+def read_spec(directory: Path, fmt: str, version: int, required: tuple[str, ...]) -> tuple[dict[str, Any], Path]:
+    """`pipeline.json` of `directory`, checked for format, version and required fields."""
+    spec_path = directory / "pipeline.json"
+    if not spec_path.is_file():
+        raise PipelineError(f"not a pipeline directory (no pipeline.json): {directory}")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{spec_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if spec.get("format") != fmt or spec.get("version") != version:
+        raise PipelineError(f"{spec_path}: field 'format'/'version' is {spec.get('format')!r}/{spec.get('version')!r}, expected {fmt!r}/{version}")
+    for key in required:
+        if key not in spec:
+            raise PipelineError(f"{spec_path}: missing field {key!r}")
+    return spec, spec_path
+
+
+def load_stage(kind: str, entry: dict[str, Any], directory: Path, spec_path: Path) -> nn.Module:
+    """An allow-listed stage class built from its plain hparams, weights from safetensors."""
+    module = _stage_class(kind, entry["class_path"], str(spec_path))(**entry["hparams"])
+    weights = directory / entry["weights"]
+    if not weights.is_file():
+        raise PipelineError(f"{spec_path}: weights file {entry['weights']!r} is missing")
+    module.load_state_dict(load_file(str(weights)))
+    return module
+
+
 def _save_weights(module: nn.Module, path: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(path))
+
+
+class PipelineGenerator:
+    """`unclip evaluate`'s image source over a pipeline: text -> prior -> decoder -> upsamplers."""
+
+    name = "unclip-pipeline"
+
+    def __init__(self, pipe: UnCLIPPipeline, config: GenerateConfig | None = None) -> None:
+        self.pipe, self.config, self.clip = pipe, config or GenerateConfig(), pipe.clip
+        self.sampling = self.config.decoder_sampling or pipe.decoder.sampling
+        last = pipe.upsamplers[-1] if len(pipe.upsamplers) else pipe.decoder
+        self.image_size = int(last.unet.config.image_size)
+
+    def generate(self, captions: list[str], *, batch: dict[str, Any] | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return self.pipe.generate(captions, 1, seed=seed, config=self.config)
+
+
+def load_pipeline(directory: str | Path, device: str | torch.device = "cpu") -> PipelineGenerator:
+    return PipelineGenerator(UnCLIPPipeline.load(directory, device))

@@ -271,3 +271,16 @@ def test_ddp_gathers_features_over_ranks(tmp_path: Path):
         assert two[name] == pytest.approx(one[name], abs=1e-6)
     fitted = _ddp_run(shards, 2, fit=True)
     assert math.isfinite(fitted["train/loss"]) and "val/t2i_recall@1" in fitted
+
+
+def test_frozen_clip_without_weights_is_the_same_encoder_every_time():
+    """Stage checkpoints do not contain the frozen CLIP: a run without CLIP weights must get the
+    same random encoder back when its checkpoint is evaluated later."""
+    from modules.networks.clip import FrozenCLIP
+
+    a = FrozenCLIP("tiny-vit")
+    torch.manual_seed(123)
+    b = FrozenCLIP("tiny-vit")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(a.encode_image(x), b.encode_image(x))
+    assert not a.training and not any(p.requires_grad for p in a.parameters())

@@ -120,3 +120,15 @@ def test_manipulations_shapes_and_determinism(saved: Path):
     assert diff.shape == (3, 3, 16, 16)
     rec, err = reconstruction_error(pipe, img, steps=4)
     assert rec.shape == (2, 3, 16, 16) and np.isfinite(err)
+
+
+def test_unclip_evaluate_on_a_pipeline_dir(saved: Path, tmp_path: Path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square to the left of a green triangle\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pipeline", str(saved), "--prompts", str(prompts), "--num-samples", "4", "--batch-size", "2",
+                 "--kid-subset-size", "2", "--isc-splits", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["stage"] == "pipeline" and report["data"]["num_generated"] == 4
+    assert report["shapes_accuracy"]["n_single"] == 2 and report["shapes_accuracy"]["n_two"] == 2
+    assert (out / "report.html").is_file()

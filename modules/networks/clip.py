@@ -231,7 +231,12 @@ class FrozenCLIP(nn.Module):
     def __init__(self, model_name: str, pretrained: str | None = None) -> None:
         super().__init__()
         self.model_name = model_name
-        self.model = create_clip(model_name, pretrained)
+        if pretrained:
+            self.model = create_clip(model_name, pretrained)
+        else:  # no weights: a fixed random init, so every construction is the same encoder
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.model = create_clip(model_name)
         self.model.requires_grad_(False)
         self.train(False)  # eval mode, for this wrapper and the model alike
         self.image_size, mean, std = image_input_spec(self.model)
