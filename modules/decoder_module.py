@@ -21,6 +21,7 @@ from modules.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.hparams import as_config, to_plain
 from modules.networks.unet import UNet, UNetConfig
+from modules.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
 DROP_KEYS = ("drop_image", "drop_text")
 
@@ -33,6 +34,9 @@ class DecoderModule(pl.LightningModule):
             CLIP model so no width is typed twice.
         clip_model / clip_weights: the frozen CLIP (open_clip registry name, local weights file or
             CLIP-stage checkpoint) used when batches carry images instead of exported embeddings.
+        text_encoder: a frozen text-only encoder used in place of CLIP (Imagen's base model:
+            caption token encodings as context, pooled caption in the timestep embedding); needs
+            `condition_on_image=False`. None: CLIP.
         condition_on_image / condition_on_text: switch either conditioning off.
         drop_image_prob / drop_text_prob: CFG dropout rates (paper: 10% and 50%).
         val_timesteps: fixed timesteps at which the validation loss is measured.
@@ -43,6 +47,7 @@ class DecoderModule(pl.LightningModule):
         unet: UNetConfig | None = None,
         clip_model: str = "tiny-vit",
         clip_weights: str | None = None,
+        text_encoder: TextEncoderConfig | None = None,
         condition_on_image: bool = True,
         condition_on_text: bool = True,
         diffusion: DiffusionConfig | None = None,
@@ -57,7 +62,12 @@ class DecoderModule(pl.LightningModule):
         super().__init__()
         unet_cfg, self.diffusion_cfg = as_config(UNetConfig, unet), as_config(DiffusionConfig, diffusion)
         self.sampling, self.optim_cfg = as_config(SamplingConfig, sampling), as_config(optim.OptimConfig, optimizer)
-        self.conditioner = ClipConditioner(clip_model, clip_weights)
+        if text_encoder is not None and condition_on_image:
+            raise ValueError("a text_encoder gives no image embedding: set condition_on_image=False")
+        self.conditioner: ClipConditioner | TextConditioner = (
+            ClipConditioner(clip_model, clip_weights) if text_encoder is None
+            else TextConditioner(as_config(TextEncoderConfig, text_encoder))
+        )
         unet_cfg = dataclasses.replace(
             unet_cfg,
             image_embed_dim=self.conditioner.embed_dim if condition_on_image else None,
@@ -108,8 +118,7 @@ class DecoderModule(pl.LightningModule):
             kwargs["image_embed"] = cond["image_embed"]
             kwargs["drop_image"] = torch.rand(batch_size, device=device) < (hp.drop_image_prob if drop else 0.0)
         if hp.condition_on_text:
-            kwargs["text_tokens"], kwargs["text_mask"] = cond["text_tokens"], cond["text_mask"]
-            kwargs["drop_text"] = torch.rand(batch_size, device=device) < (hp.drop_text_prob if drop else 0.0)
+            kwargs.update(text_unet_kwargs(cond, hp.drop_text_prob if drop else 0.0))
         return kwargs
 
     # -- sampling ------------------------------------------------------------------------------
