@@ -7,6 +7,7 @@ same loader worker (see `stages.SkipCounter`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,18 +31,69 @@ class LoaderConfig:
     prefetch_factor: int | None = None
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader that tells its shard list the epoch before each pass (seeded shuffling)."""
+# Lightning's training loop fetches one batch ahead of the step it runs (`_PrefetchDataFetcher`,
+# prefetch_batches=1): while batch k is trained, k + 1 has already been taken from the loader.
+FETCH_AHEAD = 1
 
-    def __init__(self, dataset: Any, shard_list: stages.ShardList | None, **kwargs: Any) -> None:
+
+def epoch_stages(dataset: Any) -> list[Any]:
+    """The stages of a WebDataset pipeline whose stream depends on the epoch (`set_epoch`)."""
+    stages_ = [dataset, *getattr(dataset, "pipeline", [])]
+    return [s for s in stages_ if callable(getattr(s, "set_epoch", None))]
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a WebDataset pipeline that knows its epoch and can resume mid-epoch.
+
+    Before each pass it tells every epoch-aware stage (shard shuffle, resampler, sample shuffle)
+    the epoch, so a pass is a deterministic function of (seed, epoch, rank, world size,
+    num_workers). It is Lightning-`_Stateful`: `state_dict()` is the data position -- the epoch in
+    progress and the number of batches the training loop has consumed -- and after
+    `load_state_dict` the next pass replays that epoch and drops the consumed batches.
+    webdataset streams tar files and cannot seek, so the position is restored by replay (the
+    consumed batches are read and decoded again, not trained on); it is exact when the seed,
+    world size and num_workers are those of the interrupted run.
+    """
+
+    def __init__(self, dataset: Any, shard_list: stages.ShardList | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
-        self._shard_list, self.epoch = shard_list, 0
+        found = epoch_stages(dataset)
+        self._epoch_stages = found + ([shard_list] if shard_list is not None and shard_list not in found else [])
+        self.epoch = 0
+        self._passes = 0  # passes started (0: not iterated yet)
+        self._yielded = 0  # batches handed out in the current pass (replayed ones included)
+        self._exhausted = False
+        self._skip = 0
 
     def __iter__(self):  # type: ignore[override]
-        if self._shard_list is not None:
-            self._shard_list.set_epoch(self.epoch)
-        self.epoch += 1
-        return super().__iter__()
+        epoch, skip = self.epoch, self._skip
+        for stage in self._epoch_stages:
+            stage.set_epoch(epoch)
+        self.epoch, self._skip, self._passes = epoch + 1, 0, self._passes + 1
+        self._yielded, self._exhausted = skip, False
+        return self._batches(super().__iter__(), skip)
+
+    def _batches(self, it: Any, skip: int) -> Any:
+        for _ in itertools.islice(it, skip):  # replay the consumed part of the epoch
+            pass
+        for batch in it:
+            self._yielded += 1
+            yield batch
+        self._exhausted = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"epoch", "batches" consumed in it, "complete": the pass has ended}."""
+        if self._passes == 0:
+            return {"epoch": self.epoch, "batches": self._skip, "complete": False}
+        ahead = 0 if self._exhausted else FETCH_AHEAD
+        return {"epoch": self.epoch - 1, "batches": max(0, self._yielded - ahead), "complete": self._exhausted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at `state`: the next pass is the saved epoch minus its consumed batches."""
+        if state.get("complete"):
+            self.epoch, self._skip = int(state["epoch"]) + 1, 0
+        else:
+            self.epoch, self._skip = int(state["epoch"]), int(state["batches"])
 
 
 def tokenizer_by_name(name: str) -> Callable[[list[str]], torch.Tensor]:

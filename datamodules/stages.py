@@ -124,9 +124,34 @@ class ShardList(IterableDataset):
             yield {"url": url}
 
 
-def resampled_shards(urls: list[str], seed: int) -> IterableDataset:
-    """Endless sampling of shards with replacement (multi-epoch / DDP-safe mode)."""
-    return wds.ResampledShards(urls, seed=seed, deterministic=True, empty_check=False)
+class ResampledShards(IterableDataset):
+    """Endless sampling of shards with replacement (multi-epoch / DDP-safe mode).
+
+    The stream is a function of (seed, epoch) only, so a pass can be replayed exactly (resume)
+    and every epoch draws new shards. (webdataset's `ResampledShards` keeps its epoch counter in
+    the dataset copy each non-persistent loader worker receives, so it repeats the same stream
+    every epoch.) Loader workers all run this stream and `split_by_worker` deals it out.
+    """
+
+    def __init__(self, urls: list[str], seed: int = 0) -> None:
+        super().__init__()
+        if not urls:
+            raise ShardPatternError("no shards to resample")
+        self.urls, self.seed, self.epoch = list(urls), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Sample]:
+        rng = random.Random(f"resample-{self.seed}-{self.epoch}")
+        self.epoch += 1
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+def resampled_shards(urls: list[str], seed: int) -> ResampledShards:
+    """Endless, (seed, epoch)-deterministic sampling of shards with replacement."""
+    return ResampledShards(urls, seed=seed)
 
 
 def split_by_node(rank: int, world_size: int) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
@@ -232,27 +257,38 @@ def decode_samples(
     return stage
 
 
-def shuffle_samples(bufsize: int, seed: int, rank: int = 0) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
-    """Reservoir shuffle with an RNG seeded by (seed, rank, worker) -- deterministic per run."""
+class SampleShuffle:
+    """Reservoir shuffle with an RNG seeded by (seed, rank, worker, epoch): deterministic per run,
+    different every epoch. A pipeline stage (`stage(src) -> iterator`) with `set_epoch`."""
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
-        if bufsize <= 1:
+    def __init__(self, bufsize: int, seed: int, rank: int = 0) -> None:
+        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.bufsize <= 1:
             yield from src
             return
         wid, _ = worker_and_count()
-        rng = random.Random(f"{seed}-{rank}-{wid}")
+        rng = random.Random(f"{self.seed}-{self.rank}-{wid}-{epoch}")
         buf: list[Sample] = []
         for sample in src:
-            if len(buf) < bufsize:
+            if len(buf) < self.bufsize:
                 buf.append(sample)
                 continue
-            i = rng.randrange(bufsize)
+            i = rng.randrange(self.bufsize)
             yield buf[i]
             buf[i] = sample
         rng.shuffle(buf)
         yield from buf
 
-    return stage
+
+def shuffle_samples(bufsize: int, seed: int, rank: int = 0) -> SampleShuffle:
+    """Reservoir shuffle stage seeded by (seed, rank, worker, epoch)."""
+    return SampleShuffle(bufsize, seed, rank)
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -305,18 +341,91 @@ def take_strided(limit: int, rank: int = 0, world_size: int = 1) -> Callable[[It
     return stage
 
 
+def shape_signature(sample: Sample) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The shapes a batch must agree on: 1-D tensors whole, longer ones after their first dim
+    (a caption's token encodings (L, W) may differ in L, never in W)."""
+    return tuple(
+        (name, tuple(v.shape) if v.ndim <= 1 else tuple(v.shape[1:]))
+        for name, v in sorted(sample.items())
+        if isinstance(v, torch.Tensor)
+    )
+
+
+class ShapeGuard:
+    """Drops samples whose tensor shapes disagree with the stream's (a wrong-size embedding would
+    otherwise crash the collate). The reference is the most common signature of the first
+    `window` samples; a later sample is dropped when a field it shares with the reference has
+    another shape (fields it lacks are other stages' business). Counted as `wrong_shape_<field>`."""
+
+    def __init__(self, counter: SkipCounter, window: int) -> None:
+        self.counter, self.window = counter, max(1, window)
+        self.reference: dict[str, tuple[int, ...]] | None = None
+
+    def _keep(self, sample: Sample) -> bool:
+        assert self.reference is not None
+        for name, shape in shape_signature(sample):
+            if self.reference.get(name, shape) != shape:
+                self.counter.skip(f"wrong_shape_{name}", str(sample.get("key", "?")))
+                return False
+        return True
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        pending: list[Sample] = []
+        for sample in src:
+            if self.reference is not None:
+                if self._keep(sample):
+                    yield sample
+                continue
+            pending.append(sample)
+            if len(pending) == self.window:
+                yield from self._settle(pending)
+                pending = []
+        yield from self._settle(pending)
+
+    def _settle(self, pending: list[Sample]) -> Iterator[Sample]:
+        if not pending:
+            return
+        if self.reference is None:
+            self.reference = dict(Counter(shape_signature(s) for s in pending).most_common(1)[0][0])
+        yield from (s for s in pending if self._keep(s))
+
+
 def batch_samples(
     batch_size: int, collate: Callable[[list[Sample]], Sample], partial: bool = True
 ) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Group samples into batches of `batch_size`, collated. Samples whose tensor shapes disagree
+    with the stream's are dropped first (`ShapeGuard`); those drops are added to the batch's
+    `skipped` counts, so every DataModule reports them without knowing about them. Without
+    `partial`, a last incomplete batch is dropped (its skip counts travel with the batch before)."""
+
     def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+        counter = SkipCounter()
+
+        def emit(samples: list[Sample]) -> Sample:
+            batch = collate(samples)
+            extra = counter.delta()
+            if extra and isinstance(batch, dict):
+                merged = Counter(batch.get("skipped") or {})
+                merged.update(extra)
+                batch["skipped"] = dict(merged)
+            return batch
+
+        # Each batch is collated only once the next one is full (or the stream has ended), so
+        # skips met after the last batch of a pass still reach the main process with it.
+        held: list[Sample] | None = None
         batch: list[Sample] = []
-        for sample in src:
+        for sample in ShapeGuard(counter, batch_size)(src):
             batch.append(sample)
             if len(batch) == batch_size:
-                yield collate(batch)
-                batch = []
+                if held is not None:
+                    yield emit(held)
+                held, batch = batch, []
         if batch and partial:
-            yield collate(batch)
+            if held is not None:
+                yield emit(held)
+            held = batch
+        if held is not None:
+            yield emit(held)
 
     return stage
 

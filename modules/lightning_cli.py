@@ -1,12 +1,177 @@
-"""LightningCLI for every stage: YAML experiments with `class_path` / `init_args`."""
+"""LightningCLI for every stage: YAML experiments with `class_path` / `init_args`.
+
+Besides LightningCLI's own behaviour, `UnclipCLI`:
+- reports configuration mistakes as `ConfigError` with one line naming the key (`summarize_error`
+  condenses jsonargparse's nested union messages; `unclip` prints it, exit code 2);
+- checks, before building anything, that every file an experiment names (upstream checkpoints,
+  weights, `--ckpt_path`) exists;
+- makes every trainer crash-safe: `AtomicCheckpointIO` replaces the default checkpoint writer, and
+  `NonFiniteGuard`, `DataHealth`, `PreemptionCheckpoint` and `RNGState` are added unless the
+  config already has one of the same class (then the configured one is used).
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any
+import pickle
+import re
+import traceback
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from modules.cli import UserError
+
+# Config keys whose string value names a file that must exist (`clip_weights`, `pretrained`,
+# `inception_weights`, `ckpt_path`, ...). Lightning's special checkpoint names are exempt.
+PATH_KEY = re.compile(r"(^|_)(weights|pretrained|checkpoint|ckpt|ckpt_path)$")
+SPECIAL_CHECKPOINTS = ("last", "best", "hpc")
+SHARDED_PARAMETER_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+DEBUG_ENV = "UNCLIP_DEBUG"  # set to 1 for full tracebacks of configuration errors
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work (reported as one line naming the key)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# One-line errors
+# ---------------------------------------------------------------------------------------------
+_REASONS: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(r"Option '([^']+)' is not accepted"), lambda m: (m[1], "unknown option")),
+    (re.compile(r"Group '([^']+)' does not accept option '([^']+)'"), lambda m: (f"{m[1]}.{m[2]}", "unknown option")),
+    (re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'"), lambda m: (m[1], "unknown option")),
+    (re.compile(r"Expected a <class '([^']+)'>\. Got value: (.*)"), lambda m: ("", f"expected {m[1]}, got {m[2].strip()!r}")),
+    (re.compile(r"File does not exist: '?([^']*)'?"), lambda m: ("", f"file not found: {m[1]}")),
+    (re.compile(r"(\S+) either not accessible or invalid"), lambda m: ("", f"cannot import {m[1]!r}")),
+]
+_KEY = re.compile(r'Parser key "([^"]+)"')
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" -"))
+
+
+def summarize_error(message: str) -> str:
+    """jsonargparse's (often nested, multi-line) error -> `key.path: reason` on one line."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if not lines:
+        return "invalid configuration"
+    if lines[0].startswith("unrecognized arguments:"):
+        args = lines[0].split(":", 1)[1].split()
+        args = [a for a in args if a not in ("fit", "validate", "test", "predict")]
+        return f"unrecognized arguments: {' '.join(args)}" if args else "unrecognized option in the config file"
+    if lines[0].startswith("Problems parsing config"):
+        return "cannot parse config: " + " ".join(line.strip() for line in lines[1:4])
+    stack: list[tuple[int, str]] = []
+    best: tuple[int, str, str] | None = None  # (indent, key, reason)
+    for line in lines:
+        indent = _indent(line)
+        stack = [(i, k) for i, k in stack if i < indent]
+        key = _KEY.search(line)
+        if key:
+            stack.append((indent, key[1]))
+            rest = line[key.end():].strip(" :")
+            if not rest:
+                continue
+            line = rest
+        if "<class 'NoneType'>" in line:
+            continue
+        for pattern, build in _REASONS:
+            match = pattern.search(line)
+            if match:
+                leaf, reason = build(match)
+                path = ".".join([k for _, k in stack] + ([leaf] if leaf else []))
+                if best is None or indent >= best[0]:
+                    best = (indent, path, reason)
+                break
+    if best is not None:
+        return f"{best[1]}: {best[2]}" if best[1] else best[2]
+    errors = [line.strip(" -") for line in lines if line.lstrip().startswith("- ") and "NoneType" not in line]
+    return errors[0] if errors else lines[0].strip()
+
+
+def _class_path_in(message: str) -> str | None:
+    match = re.search(r"class_path='([^']+)'", message)
+    return match[1] if match else None
+
+
+def instantiation_error(exc: BaseException, sections: dict[str, str]) -> ConfigError:
+    """An exception raised while building the model / data / trainer from the config;
+    `sections` maps class paths to their config section (`model`, `data`)."""
+    text = str(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(f.filename.endswith(os.path.join("trainer", "trainer.py")) for f in frames):
+        where = "trainer"
+    else:
+        class_path = _class_path_in(text)
+        where = f"{sections[class_path]} ({class_path})" if class_path in sections else class_path or "config"
+    return ConfigError(f"{where}: {summarize_error(text)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files named by the config
+# ---------------------------------------------------------------------------------------------
+def named_paths(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, path) for every string under a PATH_KEY-named key (`init_args` elided)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            child = key if k == "init_args" else (f"{key}.{k}" if key else str(k))
+            if k != "init_args" and PATH_KEY.search(str(k)) and isinstance(v, str):
+                yield child, v
+            else:
+                yield from named_paths(v, child)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from named_paths(v, f"{key}[{i}]")
+
+
+def check_named_files(config: dict[str, Any]) -> None:
+    """Raise `ConfigError` naming the first key whose file (or shard pattern) does not exist."""
+    from datamodules.stages import ShardPatternError, expand_shards
+
+    data = (config.get("data") or {}).get("init_args") or {}
+    for key, value in data.items():
+        if key.endswith("shards") and value:
+            try:
+                expand_shards(value, allow_pipe=bool(data.get("allow_pipe", False)))
+            except ShardPatternError as exc:
+                raise ConfigError(f"data.{key}: {exc}") from None
+    for key, path in named_paths(config):
+        if not path or path in SPECIAL_CHECKPOINTS or "://" in path:
+            continue
+        if not os.path.exists(os.path.expanduser(path)):
+            hint = " (an upstream stage's checkpoint? train that stage first, or set it to null)" if key != "ckpt_path" else ""
+            raise ConfigError(f"{key}: file not found: {path}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------
+def add_reliability(trainer: pl.Trainer) -> None:
+    """Atomic checkpoint writes and the reliability callbacks, unless configured otherwise."""
+    from callbacks.checkpointing import AtomicCheckpointIO, RNGState
+    from callbacks.reliability import DataHealth, NonFiniteGuard, PreemptionCheckpoint
+
+    strategy = type(trainer.strategy).__name__
+    if strategy in SHARDED_PARAMETER_STRATEGIES and any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+        raise ConfigError(
+            f"trainer.strategy: {strategy} shards parameters, which EMAWeightAveraging cannot average; use DDP or "
+            "deepspeed_stage_2 (experiments/common/deepspeed.yaml), or drop the EMA callback (experiments/common/fsdp.yaml)"
+        )
+    if "DeepSpeed" not in strategy and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    callbacks = trainer.callbacks
+    first_checkpoint = next((i for i, cb in enumerate(callbacks) if isinstance(cb, pl.callbacks.Checkpoint)), len(callbacks))
+    for cls in (NonFiniteGuard, DataHealth, RNGState, PreemptionCheckpoint):
+        if not any(isinstance(cb, cls) for cb in callbacks):
+            callbacks.insert(first_checkpoint, cls())
+            first_checkpoint += 1
 
 
 class UnclipCLI(LightningCLI):
@@ -18,12 +183,60 @@ class UnclipCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         os.environ.setdefault("WANDB_MODE", "offline")  # never needs a network unless asked
-        super().__init__(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            **kwargs,
+        try:
+            super().__init__(
+                pl.LightningModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                **kwargs,
+            )
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise self._checkpoint_error(exc) from None
+
+    def _checkpoint_error(self, exc: BaseException) -> BaseException:
+        """LightningCLI reads `--ckpt_path`'s hyperparameters with `torch.load(weights_only=True)`
+        before anything else: a refused or unreadable file becomes one line naming it."""
+        from callbacks.checkpointing import CheckpointReadError, UnsafeCheckpointError
+
+        if not any(f.name == "_parse_ckpt_path" for f in traceback.extract_tb(exc.__traceback__)):
+            return exc
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if isinstance(exc, pickle.UnpicklingError):
+            return UnsafeCheckpointError(f"ckpt_path: refusing to load {path}: it needs arbitrary pickle, not weights_only=True")
+        return CheckpointReadError(f"ckpt_path: cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand is not None else self.config
+        if config.get("torch_threads"):
+            torch.set_num_threads(config["torch_threads"])
+        if self.subcommand is not None:  # a real run (not `run=False` introspection)
+            check_named_files(config.as_dict())
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, ImportError, KeyError) as exc:
+            if os.environ.get(DEBUG_ENV) == "1" or isinstance(exc, UserError):
+                raise
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            sections = {str(config[k]["class_path"]): k for k in ("model", "data") if config.get(k)}
+            raise instantiation_error(exc, sections) from exc
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--torch_threads", type=Optional[int], default=None,
+            help="intra-op threads of the training process (data workers use 1 each); oversubscribing "
+            "a small machine slows training several-fold",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        add_reliability(trainer)
+        return trainer
+
+
+def parse_error(exc: argparse.ArgumentError) -> ConfigError:
+    return ConfigError(summarize_error(str(exc)))

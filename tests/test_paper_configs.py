@@ -1,0 +1,115 @@
+"""Paper-scale configs are real: each paper YAML is parsed by `unclip`'s own LightningCLI parser
+and its model instantiated by jsonargparse (as `unclip fit` would) on the meta device; the
+trainable parameters are within 10% of the unCLIP paper's figures.
+
+Figures (Ramesh et al. 2022, arXiv 2204.06125, App. C, Table 3 "Hyperparameters for the models",
+row "Model size"): diffusion prior 1B, decoder 3.5B, upsampler 64->256 700M, upsampler
+256->1024 300M. The decoder is GLIDE's architecture and GLIDE's 3.5B counts a 1.2B text
+Transformer trained jointly with a 2.3B U-Net (Nichol et al. 2021, arXiv 2112.10741, §4: text
+encoder of 24 residual blocks of width 2048, "roughly 1.2 billion parameters"). Our decoder has no
+text Transformer of its own: caption tokens come from the frozen CLIP text tower (354M, not
+trained, outside the stage's module tree), so the like-for-like figure is the U-Net against
+3.5B - 1.2B = 2.3B; the table also shows U-Net + CLIP text tower against 3.5B for reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from modules.lightning_cli import ConfigError, UnclipCLI, add_reliability
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE3 = "unCLIP Table 3 (App. C)"
+PAPER = [  # (yaml, stage, paper figure, source)
+    ("experiments/prior/paper.yaml", "diffusion prior", 1.0e9, f"{TABLE3}: 1B"),
+    ("experiments/decoder/paper.yaml", "decoder U-Net", 2.3e9, f"{TABLE3}: 3.5B minus GLIDE §4's 1.2B text encoder"),
+    ("experiments/superres/paper_256.yaml", "upsampler 64->256", 700e6, f"{TABLE3}: 700M"),
+    ("experiments/superres/paper_1024.yaml", "upsampler 256->1024", 300e6, f"{TABLE3}: 300M"),
+]
+
+
+class ParseOnlyCLI(UnclipCLI):
+    """`unclip fit`'s parser and validation; classes are instantiated by the test."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(*configs: str) -> ParseOnlyCLI:
+    args = [a for c in configs for a in ("--config", str(ROOT / c))]
+    return ParseOnlyCLI(args=args, run=False)
+
+
+def trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def build_model(config: str) -> torch.nn.Module:
+    cli = parse(config)
+    with torch.device("meta"):
+        init = cli.parser.instantiate_classes(cli.config)
+    return init["model"]
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict[str, int]:
+    return {config: trainable(build_model(config)) for config, *_ in PAPER}
+
+
+def test_parameter_counts_within_ten_percent_of_the_paper(counts: dict[str, int]) -> None:
+    import open_clip
+
+    from modules.networks.clip import register_project_configs
+
+    register_project_configs()
+    clip = open_clip.create_model("ViT-H-16-256", device="meta")
+    clip_text = trainable(clip) - trainable(clip.visual)
+    rows = [f"{'stage':22s} {'config':40s} {'ours':>9s} {'paper':>7s} {'diff':>7s}  source"]
+    for config, stage, paper, source in PAPER:
+        ours = counts[config]
+        rows.append(f"{stage:22s} {config:40s} {ours / 1e6:8.1f}M {paper / 1e9:6.2f}B {ours / paper - 1:+7.1%}  {source}")
+        assert abs(ours / paper - 1) <= 0.10, f"{stage}: {ours / 1e6:.1f}M vs {paper / 1e6:.0f}M"
+    decoder = counts["experiments/decoder/paper.yaml"]
+    rows.append(f"{'(decoder + CLIP text)':22s} {'U-Net + frozen ViT-H-16-256 text tower':40s} {(decoder + clip_text) / 1e6:8.1f}M "
+                f"{3.5:6.2f}B {(decoder + clip_text) / 3.5e9 - 1:+7.1%}  not like for like: the text tower is frozen")
+    rows.append(f"{'CLIP (info)':22s} {'experiments/clip/paper.yaml':40s} {trainable(clip) / 1e6:8.1f}M {'-':>7s} {'':7s}  "
+                "ViT-H/16 at 256 px; the paper gives no size (open_clip device=meta)")
+    print("\n" + "\n".join(rows))
+
+
+def test_paper_yamls_parse_with_their_scale_out_settings() -> None:
+    for config, *_ in PAPER + [("experiments/clip/paper.yaml",)]:
+        trainer = parse(config).config.trainer
+        assert trainer.precision == "bf16-mixed"
+        assert trainer.strategy.class_path == "lightning.pytorch.strategies.DDPStrategy"
+        assert [p.class_path for p in trainer.plugins] == ["callbacks.checkpointing.AtomicCheckpointIO"]
+    fsdp = parse("experiments/decoder/paper.yaml", "experiments/common/fsdp.yaml").config.trainer
+    assert fsdp.strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
+    policy = fsdp.strategy.init_args.auto_wrap_policy
+    from modules.networks.unet_blocks import AttentionBlock, ResBlock
+
+    assert {ResBlock, AttentionBlock} <= set(policy) and fsdp.strategy.init_args.activation_checkpointing_policy == policy
+    assert not any("EMAWeightAveraging" in c.class_path for c in fsdp.callbacks)
+    deepspeed = parse("experiments/decoder/paper.yaml", "experiments/common/deepspeed.yaml").config.trainer
+    assert deepspeed.strategy == "deepspeed_stage_2" and any("EMAWeightAveraging" in c.class_path for c in deepspeed.callbacks)
+
+
+def test_activation_checkpointing_is_on_in_the_big_networks() -> None:
+    assert build_model("experiments/decoder/paper.yaml").unet.config.use_checkpoint
+    assert build_model("experiments/prior/paper.yaml").net.config.use_checkpoint
+
+
+def test_fsdp_with_ema_is_refused_with_one_line() -> None:
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    class FSDPStrategy:  # stands in for Lightning's (which needs a GPU to construct)
+        checkpoint_io = TorchCheckpointIO()
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[EMAWeightAveraging()])
+    with pytest.raises(ConfigError, match="EMAWeightAveraging cannot average"):
+        add_reliability(trainer)
