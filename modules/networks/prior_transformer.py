@@ -1,0 +1,282 @@
+"""The unCLIP diffusion prior: a decoder-only Transformer that denoises CLIP image embeddings.
+
+Ramesh et al. 2022 §2.2: "a decoder-only Transformer with a causal attention mask on a sequence
+consisting of, in order: the encoded text, the CLIP text embedding, an embedding for the diffusion
+timestep, the noised CLIP image embedding, and a final embedding whose output from the Transformer
+is used to predict the unnoised CLIP image embedding". Sequence here (N = L + 4)::
+
+    [caption tokens (L, padding masked), z_t, time, x_t = noised z_i, query] -> output at query
+
+Caption positions use learned positional embeddings; the four trailing tokens have learned role
+embeddings, so the result does not depend on how much padding the batch carries (the caller trims
+tokens to the batch's longest caption: padding is never paid for beyond that). Classifier-free
+guidance: a dropped sample (``drop_text``) has every caption token masked out and z_t replaced by a
+learned null embedding. Blocks are pre-norm (GPT-2) with SDPA attention; the mask is causal and
+hides invalid keys, every position always seeing itself so no softmax row is empty.
+
+Two exact savings (profiled: the prior step is all Linear layers, so cost is proportional to the
+positions computed). Only the query's output is read, so the last block computes its keys/values
+for every position but everything else for the query alone (~1/depth of the work). And the caption
+positions come first under a causal mask, so their keys/values never depend on x_t or t: without
+gradients (sampling) they are computed once and reused while the captions, drop mask and weights
+stay the same (checked by value each call), so a sampling step runs the 4 trailing positions only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from modules.networks.unet_blocks import timestep_embedding
+
+
+@dataclass
+class PriorConfig:
+    """Prior Transformer size. ``embed_dim`` / ``text_width`` come from the CLIP model name.
+
+    Parameters ≈ 12·width²·depth: width 2048 × depth 20 ≈ 1.0B (the paper's 1B prior; also the
+    layout of the public Karlo/diffusers port: 32 heads × 64), depth 24 would give ≈ 1.2B.
+    """
+
+    embed_dim: int = 768  # D: CLIP embedding width (z_i, z_t)
+    text_width: int = 768  # W: width of the CLIP text-token encodings
+    width: int = 2048
+    depth: int = 20
+    heads: int = 32
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    max_text_len: int = 77
+    use_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+def causal_key_mask(key_valid: Tensor) -> Tensor:
+    """Attention mask (B, 1, N, N), True = attend: key j ≤ query i and valid, or j = i.
+
+    ``key_valid`` (B, N) bool. The diagonal keeps every row non-empty (an all-masked softmax row is
+    NaN in SDPA, and NaN values leak through zero weights); rows of invalid positions compute
+    garbage that no valid position reads.
+    """
+    n = key_valid.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=key_valid.device).tril()  # (N, N)
+    eye = torch.eye(n, dtype=torch.bool, device=key_valid.device)
+    return ((causal & key_valid[:, None, :]) | eye)[:, None]  # (B, 1, N, N)
+
+
+KeysValues = tuple[Tensor, Tensor]  # (k, v), each (B, H, P, Dh)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+
+    ``past``: keys/values of earlier positions, prepended to this input's (the mask then covers
+    P + N keys). ``queries``: compute outputs for the last ``queries`` positions only (their
+    mask rows only).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, w = x.shape
+        return x.view(b, n, self.heads, w // self.heads).transpose(1, 2)  # (B, H, N, Dh)
+
+    def keys_values(self, x: Tensor) -> KeysValues:
+        w = x.shape[-1]
+        k, v = F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).chunk(2, dim=-1)  # (B, N, w) each
+        return self._split(k), self._split(v)
+
+    def forward(self, x: Tensor, mask: Tensor, past: Optional[KeysValues] = None, queries: Optional[int] = None) -> Tensor:
+        b, n, w = x.shape
+        if queries is None and past is None:
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        else:
+            k, v = self.keys_values(x)
+            x_q = x if queries is None else x[:, n - queries:]
+            q = self._split(F.linear(x_q, self.qkv.weight[:w], self.qkv.bias[:w]))  # (B, H, Q, Dh)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, Dh)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Q, Dh)
+        return self.proj(y.transpose(1, 2).reshape(b, -1, w))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, mask: Tensor, past: Optional[KeysValues] = None, queries: Optional[int] = None) -> Tensor:
+        """x (B, N, w) -> (B, N or queries, w); see `SelfAttention` for ``past`` / ``queries``."""
+        h = self.attn(self.ln1(x), mask, past, queries)
+        x = (x if queries is None else x[:, x.shape[1] - queries:]) + h
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerStack(nn.Module):
+    """``depth`` blocks and a final LayerNorm, GPT-2 initialisation (residual outputs / √(2·depth))."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.use_checkpoint = use_checkpoint
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn.proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, x: Tensor, key_valid: Tensor, queries: Optional[int] = None,
+                past: Optional[list[KeysValues]] = None) -> Tensor:
+        """x (B, N, w) -> (B, N, w), or the last ``queries`` positions only (the last block then
+        computes nothing else for the others). ``past``: per-block keys/values of P earlier
+        positions (see `prefix_keys_values`); then ``key_valid`` (B, P + N) covers them too."""
+        n = x.shape[1]
+        mask = causal_key_mask(key_valid)[:, :, -n:]  # (B, 1, N, P + N)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            kv = past[i] if past is not None else None
+            q = queries if i == last else None
+            rows = mask if q is None else mask[:, :, -q:]
+            if self.use_checkpoint and self.training:
+                x = checkpoint(block, x, rows, kv, q, use_reentrant=False)
+            else:
+                x = block(x, rows, kv, q)
+        return self.norm(x)
+
+    def prefix_keys_values(self, x: Tensor, key_valid: Tensor) -> list[KeysValues]:
+        """Per-block keys/values of a prefix x (B, P, w) that attends causally to itself only."""
+        mask = causal_key_mask(key_valid)
+        out: list[KeysValues] = []
+        for i, block in enumerate(self.blocks):
+            out.append(block.attn.keys_values(block.ln1(x)))
+            if i < len(self.blocks) - 1:
+                x = block(x, mask)
+        return out
+
+
+class CaptionPrefix(nn.Module):
+    """Projects caption token encodings (B, L, W) and z_t (B, D) to width; learned null z_t."""
+
+    def __init__(self, text_width: int, embed_dim: int, width: int, max_text_len: int) -> None:
+        super().__init__()
+        self.tokens = nn.Linear(text_width, width)
+        self.pos = nn.Parameter(torch.randn(max_text_len, width) * 0.02)
+        self.text_embed = nn.Linear(embed_dim, width)
+        self.null_text_embed = nn.Parameter(torch.randn(width) * 0.02)
+
+    def forward(self, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens (B, L, w), their validity (B, L), z_t token (B, w)); dropped rows see no caption."""
+        length = text_tokens.shape[1]
+        if length > self.pos.shape[0]:
+            raise ValueError(f"caption has {length} tokens, the prior was built for {self.pos.shape[0]}")
+        tokens = self.tokens(text_tokens) + self.pos[:length]  # (B, L, w)
+        valid = text_mask.bool() & ~drop[:, None]  # (B, L)
+        return tokens, valid, self.text_embed_token(text_embed, drop)
+
+    def text_embed_token(self, text_embed: Tensor, drop: Tensor) -> Tensor:
+        """z_t (B, D) -> (B, w); the learned null where dropped."""
+        zt = self.text_embed(text_embed)
+        return torch.where(drop[:, None], self.null_text_embed.to(zt.dtype), zt)
+
+
+class PriorTransformer(nn.Module):
+    """f(x_t, t, y) -> x̂_0: predicts the (scaled) unnoised image embedding, shape (B, D)."""
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.prefix = CaptionPrefix(c.text_width, c.embed_dim, c.width, c.max_text_len)
+        self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
+        self.x_proj = nn.Linear(c.embed_dim, c.width)
+        self.query = nn.Parameter(torch.randn(c.width) * 0.02)
+        self.roles = nn.Parameter(torch.randn(4, c.width) * 0.02)  # [z_t, time, x_t, query]
+        self.transformer = TransformerStack(c.width, c.depth, c.heads, c.mlp_ratio, c.dropout, c.use_checkpoint)
+        self.out = nn.Linear(c.width, c.embed_dim)
+        self._prefix_memo = PrefixMemo()
+
+    def forward(
+        self,
+        x_t: Tensor,  # (B, D) noised, scaled z_i
+        t: Tensor,  # (B,) original timesteps
+        *,
+        text_embed: Tensor,  # (B, D) z_t
+        text_tokens: Tensor,  # (B, L, W) caption token encodings
+        text_mask: Tensor,  # (B, L) bool, True = real token
+        drop_text: Tensor | None = None,  # (B,) bool, True = unconditional (learned null)
+    ) -> Tensor:
+        b = x_t.shape[0]
+        drop = torch.zeros(b, dtype=torch.bool, device=x_t.device) if drop_text is None else drop_text.bool()
+        ones = torch.ones(b, 4, dtype=torch.bool, device=x_t.device)
+        if torch.is_grad_enabled():
+            tokens, valid, zt = self.prefix(text_embed, text_tokens, text_mask, drop)
+            h = torch.cat([tokens, self._tail(x_t, t, zt)], dim=1)  # (B, L + 4, w)
+            h = self.transformer(h, torch.cat([valid, ones], dim=1), queries=1)  # (B, 1, w)
+        else:  # caption keys/values from the memo: only the 4 trailing positions run
+            past, valid = self._prefix_memo.get(self, text_tokens, text_mask, drop)
+            tail = self._tail(x_t, t, self.prefix.text_embed_token(text_embed, drop))  # (B, 4, w)
+            h = self.transformer(tail, torch.cat([valid, ones], dim=1), queries=1, past=past)  # (B, 1, w)
+        return self.out(h[:, -1])  # (B, D)
+
+    def _tail(self, x_t: Tensor, t: Tensor, zt: Tensor) -> Tensor:
+        """The positions after the caption: [z_t, time, x_t, query] + role embeddings, (B, 4, w)."""
+        time = self.time_mlp(timestep_embedding(t, self.config.width).to(zt.dtype))  # (B, w)
+        query = self.query.to(zt.dtype).expand(x_t.shape[0], -1)
+        return torch.stack([zt, time, self.x_proj(x_t), query], dim=1) + self.roles
+
+    def caption_keys_values(self, text_tokens: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[list[KeysValues], Tensor]:
+        """Per-block caption keys/values and the caption's key validity (B, L)."""
+        tokens = self.prefix.tokens(text_tokens) + self.prefix.pos[: text_tokens.shape[1]]  # (B, L, w)
+        if text_tokens.shape[1] > self.prefix.pos.shape[0]:
+            raise ValueError(f"caption has {text_tokens.shape[1]} tokens, the prior was built for {self.prefix.pos.shape[0]}")
+        valid = text_mask.bool() & ~drop[:, None]
+        return self.transformer.prefix_keys_values(tokens, valid), valid
+
+
+class PrefixMemo:
+    """The last caption keys/values a `PriorTransformer` computed without gradients.
+
+    Reused only when captions, mask and drop mask are equal by value, and weights (storage and
+    in-place version), autocast state and device are unchanged; otherwise recomputed.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.inputs: tuple[Tensor, Tensor, Tensor] | None = None
+        self.value: tuple[list[KeysValues], Tensor] | None = None
+
+    def get(self, net: PriorTransformer, text_tokens: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[list[KeysValues], Tensor]:
+        device = text_tokens.device.type
+        key = (tuple((p.data_ptr(), p._version) for p in net.parameters()), torch.is_autocast_enabled(device),
+               torch.get_autocast_dtype(device), text_tokens.device, text_tokens.dtype)
+        inputs = (text_tokens, text_mask.bool(), drop)
+        if self.value is None or key != self.key or not _all_equal(inputs, self.inputs):
+            self.key, self.inputs, self.value = key, inputs, net.caption_keys_values(*inputs)
+        return self.value
+
+
+def _all_equal(a: tuple[Tensor, ...], b: tuple[Tensor, ...] | None) -> bool:
+    return b is not None and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
