@@ -7,6 +7,7 @@ text embedding z_t straight to the decoder? Both arms use the same captions and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import tarfile
@@ -35,9 +36,12 @@ def val_captions(pattern: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0, steps: int | None = None,
+          upsample: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate one image per caption and score it; returns (accuracy table + rows, images)."""
-    images = pipe.generate(captions, 1, seed=seed, config=GenerateConfig(prior_mode=mode))
+    sampling = dataclasses.replace(pipe.decoder.sampling, steps=steps) if steps else None
+    cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample)
+    images = pipe.generate(captions, 1, seed=seed, config=cfg)
     rows = [evaluate_image(img, cap) for img, cap in zip(images, captions)]
     return {"table": accuracy_table(rows), "rows": rows}, images
 
@@ -51,6 +55,8 @@ def cmd_evaluate_shapes(argv: list[str]) -> int:
     p.add_argument("--shards", required=True, help="val shards whose captions are the prompts")
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="decoder DDIM steps (default: the decoder's own)")
+    p.add_argument("--no-upsample", action="store_true", help="score at the decoder's resolution")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     pipe = _load_pipeline(a.pipeline)
@@ -58,11 +64,12 @@ def cmd_evaluate_shapes(argv: list[str]) -> int:
     if not captions:
         raise UserError(f"no captions found in {a.shards}")
     out = Path(a.out)
-    report: dict[str, Any] = {"num_prompts": len(captions), "seed": a.seed}
+    report: dict[str, Any] = {"num_prompts": len(captions), "seed": a.seed, "decoder_steps": a.steps,
+                              "resolution": "decoder" if a.no_upsample else "final"}
     for mode in (PriorMode.PRIOR, PriorMode.TEXT):
         if mode is PriorMode.PRIOR and pipe.prior is None:
             continue
-        result, images = score(pipe, captions, mode, a.seed)
+        result, images = score(pipe, captions, mode, a.seed, a.steps, upsample=not a.no_upsample)
         report[mode.value] = result["table"]
         (out / mode.value).mkdir(parents=True, exist_ok=True)
         (out / mode.value / "rows.json").write_text(json.dumps(result["rows"], indent=1))

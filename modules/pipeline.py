@@ -56,6 +56,7 @@ class GenerateConfig:
     prior_sampling: SamplingConfig | None = None
     decoder_sampling: SamplingConfig | None = None
     upsampler_sampling: list[SamplingConfig | None] = field(default_factory=list)
+    upsample: bool = True  # False: stop at the decoder's resolution
     batch_size: int = 16
 
 
@@ -160,7 +161,7 @@ class UnCLIPPipeline(nn.Module):
         """Decoder then upsamplers: images (B, 3, S, S) in [-1, 1] at the final resolution."""
         kwargs = self.decoder_kwargs(text, image_embed)
         x = self.decoder.generate(kwargs, sampling=cfg.decoder_sampling, generator=generator, x_T=x_T)
-        for i, up in enumerate(self.upsamplers):
+        for i, up in enumerate(self.upsamplers if cfg.upsample else []):
             sampling = cfg.upsampler_sampling[i] if i < len(cfg.upsampler_sampling) else None
             x = up.generate(x, sampling=sampling, generator=generator)
         return x
