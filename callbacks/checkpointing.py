@@ -34,14 +34,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-
-
-class CheckpointReadError(ValueError):
-    """A checkpoint file that cannot be read (truncated, not a torch file)."""
-
-
-class UnsafeCheckpointError(CheckpointReadError):
-    """A checkpoint that `torch.load(weights_only=True)` refuses (it would need arbitrary pickle)."""
+from modules.safe_load import CheckpointReadError, UnsafeCheckpointError, safe_torch_load  # noqa: F401
 
 
 def _is_remote(path: str) -> bool:
@@ -79,19 +72,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """`torch.load(weights_only=True)`; a file that needs arbitrary pickle, or is not a readable
-    torch file, raises one clear line naming it."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UnsafeCheckpointError(f"refusing to load {path}: it needs arbitrary pickle, not weights_only=True ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointReadError(f"cannot read checkpoint {path}: {reason}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -95,10 +95,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    from modules.safe_load import CheckpointReadError, safe_torch_load
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"refusing to load {path}: not loadable with weights_only=True ({type(exc).__name__})") from None
+        ckpt = safe_torch_load(path)
+    except CheckpointReadError as exc:
+        raise UserError(str(exc)) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not a Lightning stage checkpoint (no state_dict / hyper_parameters)")
     return ckpt

@@ -27,6 +27,7 @@ from modules.cli import UserError
 from modules.conditioning import trim_tokens
 from modules.diffusion.config import SamplingConfig
 from modules.networks.clip import FrozenCLIP, read_state_dict
+from modules.safe_load import CheckpointReadError, safe_torch_load
 
 FORMAT, VERSION = "unclip-pipeline", 1
 STAGE_CLASSES = {
@@ -82,9 +83,9 @@ def load_stage_checkpoint(kind: str, path: str | Path, class_path: str) -> nn.Mo
     if not path.is_file():
         raise PipelineError(f"{kind} checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipelineError(f"refusing to load {path}: not loadable with weights_only=True ({type(exc).__name__})") from None
+        ckpt = safe_torch_load(path)
+    except CheckpointReadError as exc:
+        raise PipelineError(str(exc)) from None
     module = _stage_class(kind, class_path, str(path))(**ckpt.get("hyper_parameters", {}))
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

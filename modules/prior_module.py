@@ -31,6 +31,7 @@ from modules.conditioning import ClipConditioner
 from modules.decoder_module import init_args
 from modules.diffusion import Objective
 from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
+from modules.validation import log_fixed_timestep_losses
 from modules.hparams import as_config, to_plain
 from modules.networks.prior_transformer import PriorConfig, PriorTransformer
 from modules.prior_metrics import RunningMean, compare_to_baselines
@@ -135,15 +136,8 @@ class PriorModule(pl.LightningModule):
         cond = self.conditioner(batch)
         x0, size = self.to_x0(cond["image_embed"]), cond["image_embed"].shape[0]
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
-        eps = noise(x0.shape, gen, x0.device)
         kwargs = self.model_kwargs(cond, drop_prob=0.0)
-        total = 0.0
-        for step in self.hparams.val_timesteps:
-            t = torch.full((size,), step, device=x0.device, dtype=torch.long)
-            loss = self.diffusion.training_losses(self.net, x0, t, model_kwargs=kwargs, noise=eps)["loss"].mean()
-            self.log(f"val/loss_t{step}", loss, batch_size=size)
-            total = total + loss
-        self.log("val/loss", total / len(self.hparams.val_timesteps), prog_bar=True, batch_size=size)
+        log_fixed_timestep_losses(self, self.diffusion, self.net, x0, kwargs, self.hparams.val_timesteps, gen)
         pred = self.generate(cond, generator=gen)
         scores = compare_to_baselines(pred, cond["image_embed"], cond["text_embed"], self.mean_embed.value())
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, batch_size=size)

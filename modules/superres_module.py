@@ -28,6 +28,7 @@ from modules import optim
 from modules.decoder_module import init_args, to_unit
 from modules.degradations import DegradationConfig, Resampling, resize
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
+from modules.validation import log_fixed_timestep_losses
 from modules.hparams import as_config, enum_member, to_plain
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
@@ -153,14 +154,7 @@ class SuperResModule(pl.LightningModule):
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
         cond = self.condition(self.make_low_res(x0), self.hparams.sample_aug_level, gen)
         cond.update(self.text_kwargs(batch, drop=False))
-        eps = noise(x0.shape, gen, x0.device)
-        total = 0.0
-        for step in self.hparams.val_timesteps:
-            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-            loss = self.diffusion.training_losses(self.unet, x0, t, model_kwargs=cond, noise=eps)["loss"].mean()
-            self.log(f"val/loss_t{step}", loss, batch_size=x0.shape[0])
-            total = total + loss
-        self.log("val/loss", total / len(self.hparams.val_timesteps), prog_bar=True, batch_size=x0.shape[0])
+        log_fixed_timestep_losses(self, self.diffusion, self.unet, x0, cond, self.hparams.val_timesteps, gen)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return optim.configure(self.unet, self.optim_cfg)

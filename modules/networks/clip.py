@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.safe_load import safe_torch_load
+
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 _registered = False
 log = logging.getLogger(__name__)
@@ -61,10 +63,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif is_torchscript_archive(path):
         state = read_torchscript_tensors(path)
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle that needs arbitrary code, or not a torch file at all
-            raise ValueError(f"refusing to load {path}: not loadable with weights_only=True ({type(exc).__name__})") from None
+        state = safe_torch_load(path)  # CheckpointReadError (a ValueError) names the file
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
