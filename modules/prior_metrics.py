@@ -90,14 +90,24 @@ def class_retrieval_accuracy(
     (B,) long: a bank index each query may not retrieve (its own image, so that the true z_i is not
     a trivially correct answer), or -1 for none.
     """
+    nearest = bank_similarities(queries, bank, exclude).topk(k, dim=1).indices.tolist()  # (B, k)
+    hits = [sum(bank_labels[j] == label for j in row) / k for row, label in zip(nearest, query_labels)]
+    return torch.tensor(hits, dtype=torch.float32).mean()
+
+
+def bank_similarities(queries: Tensor, bank: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Cosines (B, N) of queries to bank embeddings; -inf at each row's `exclude` index (≥ 0)."""
     sims = F.normalize(queries.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T  # (B, N)
     if exclude is not None:
         rows = torch.arange(sims.shape[0], device=sims.device)
         keep = exclude >= 0
         sims[rows[keep], exclude[keep]] = float("-inf")
-    nearest = sims.topk(k, dim=1).indices.tolist()  # (B, k)
-    hits = [sum(bank_labels[j] == label for j in row) / k for row, label in zip(nearest, query_labels)]
-    return torch.tensor(hits, dtype=torch.float32).mean()
+    return sims
+
+
+def nearest_image_cos(queries: Tensor, bank: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Mean cosine of each query to its nearest bank image embedding: is it on the image manifold?"""
+    return bank_similarities(queries, bank, exclude).max(dim=1).values.mean()
 
 
 Generate = Callable[[dict[str, Tensor]], Tensor]
@@ -115,7 +125,8 @@ def evaluation_table(
     are the class of every sample in order (e.g. the caption's set of (colour, shape) objects).
     Each predictor maps a batch to (B, D) embeddings; ``"true z_i"`` may be given as an oracle.
     Returns {predictor: {cos_true, cos_text, cos_unrelated, retrieval (batch-wise, averaged),
-    class_acc (nearest OTHER evaluation image has the caption's class)}}.
+    class_acc (the nearest OTHER evaluation image has the caption's class), cos_nearest (cosine to
+    that nearest other image: how image-like the prediction is)}}.
     """
     preds: dict[str, list[Tensor]] = {name: [] for name in predictors}
     zis, zts, batch_scores = [], [], {name: [] for name in predictors}
@@ -131,7 +142,9 @@ def evaluation_table(
     table: dict[str, dict[str, float]] = {}
     for name in predictors:
         scores = {k: float(torch.stack([s[k] for s in batch_scores[name]]).mean()) for k in batch_scores[name][0]}
-        scores["class_acc"] = float(class_retrieval_accuracy(torch.cat(preds[name]), bank, labels, labels, exclude=own))
+        pred = torch.cat(preds[name])
+        scores["class_acc"] = float(class_retrieval_accuracy(pred, bank, labels, labels, exclude=own))
+        scores["cos_nearest"] = float(nearest_image_cos(pred, bank, exclude=own))
         table[name] = scores
     return table
 

@@ -133,6 +133,7 @@ class PriorModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Loss at fixed timesteps with fixed noise, plus sampled-embedding scores vs the baselines."""
+        self.net.clear_caption_cache()  # the EMA callback swapped weights in through `.data`
         cond = self.conditioner(batch)
         x0, size = self.to_x0(cond["image_embed"]), cond["image_embed"].shape[0]
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
@@ -174,6 +175,7 @@ class PriorModule(pl.LightningModule):
         kwargs = repeat_rows(text, n)
         kwargs["drop_text"] = torch.zeros(batch * n, dtype=torch.bool, device=self.device)
         x_T = noise((batch * n, dim), generator, self.device)
+        self.net.clear_caption_cache()  # reused across this call's steps only
         x0 = sample(self.diffusion, self.net, x_T, cfg, model_kwargs=kwargs, drop_keys=DROP_KEYS, generator=generator)
         candidates = self.from_x0(x0.float()).view(batch, n, dim)
         return select_best(candidates, text["text_embed"])

@@ -29,6 +29,7 @@ from modules.prior_metrics import (
     compare_to_baselines,
     embedding_scores,
     evaluation_table,
+    nearest_image_cos,
 )
 from modules.prior_module import PriorModule, select_best
 
@@ -309,8 +310,28 @@ def test_class_retrieval_excludes_self_and_table():
     own = torch.arange(4)
     assert class_retrieval_accuracy(bank, bank, labels, labels, exclude=own) == 1.0
     assert class_retrieval_accuracy(bank, bank, labels, ["b", "b", "a", "a"], exclude=own) == 0.0
+    assert class_retrieval_accuracy(bank, bank, labels, labels, exclude=own, k=2) == 0.5  # 2nd nearest: other class
+    assert class_retrieval_accuracy(bank, bank, labels, labels) == 1.0  # itself, when not excluded
+    pair_cos = 0.9 / math.hypot(0.9, 0.1)
+    assert nearest_image_cos(bank, bank, exclude=own).item() == pytest.approx(pair_cos)
     batches = [{"image_embed": bank[:2], "text_embed": bank[:2]}, {"image_embed": bank[2:], "text_embed": bank[2:]}]
     table = evaluation_table({"oracle": lambda b: b["image_embed"], "flip": lambda b: b["image_embed"].flip(-1)},
                              batches, labels)
     assert table["oracle"]["class_acc"] == 1.0 and table["oracle"]["cos_true"] == pytest.approx(1.0)
+    assert table["oracle"]["cos_nearest"] == pytest.approx(pair_cos)
     assert table["flip"]["class_acc"] == 0.0
+
+
+def test_weights_swapped_through_data_are_seen_by_validation_and_generate():
+    """Lightning's EMA swap writes `.data` in place (no version bump): no stale caption cache."""
+    m = module().eval()
+    cond = synthetic(3)
+    gen = lambda: m.generate(cond, generator=torch.Generator().manual_seed(0))
+    before = gen()
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.data.copy_(p.data * 1.5)
+    fresh = module().eval()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.allclose(gen(), fresh.generate(cond, generator=torch.Generator().manual_seed(0)), atol=1e-6)
+    assert not torch.allclose(gen(), before)

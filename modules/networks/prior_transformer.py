@@ -243,6 +243,10 @@ class PriorTransformer(nn.Module):
         query = self.query.to(zt.dtype).expand(x_t.shape[0], -1)
         return torch.stack([zt, time, self.x_proj(x_t), query], dim=1) + self.roles
 
+    def clear_caption_cache(self) -> None:
+        """Forget memoised caption keys/values (needed after writes through `.data`, see `PrefixMemo`)."""
+        self._prefix_memo = PrefixMemo()
+
     def caption_keys_values(self, text_tokens: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[list[KeysValues], Tensor]:
         """Per-block caption keys/values and the caption's key validity (B, L)."""
         tokens = self.prefix.tokens(text_tokens) + self.prefix.pos[: text_tokens.shape[1]]  # (B, L, w)
@@ -256,7 +260,10 @@ class PrefixMemo:
     """The last caption keys/values a `PriorTransformer` computed without gradients.
 
     Reused only when captions, mask and drop mask are equal by value, and weights (storage and
-    in-place version), autocast state and device are unchanged; otherwise recomputed.
+    in-place version), autocast state and device are unchanged; otherwise recomputed. Writes
+    through ``param.data`` (Lightning's EMA swap) change neither storage nor version: call
+    `PriorTransformer.clear_caption_cache` after them (`PriorModule` does so per sampling call
+    and validation step).
     """
 
     def __init__(self) -> None:
