@@ -10,6 +10,7 @@ workers (non-resampled mode); CLIP's loss is computed on features gathered from 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,9 @@ def test_sigterm_under_ddp_saves_last_ckpt_on_both_ranks_exit(tmp_path: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "UNCLIP_SIGNAL_AT": "3:TERM"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM") == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("exitcode  : 143") == 2, "torchrun reports both workers' 128 + SIGTERM status"
+    # torchrun's summary lists the first failed worker and may list the second only if it exited
+    # before torchrun tore the group down: at least one 128 + SIGTERM status, never another code.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert codes and set(codes) == {"143"}, codes
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3, "the periodic checkpoint was at step 2"
