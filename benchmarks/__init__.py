@@ -1,0 +1,1 @@
+"""Benchmarks: this project against dalle2-pytorch (`make bench` / `unclip bench`), data throughput."""

@@ -1,0 +1,14 @@
+"""`unclip bench ...`: the benchmark against dalle2-pytorch (`benchmarks/run_all.py`)."""
+
+from __future__ import annotations
+
+from modules.cli import register
+
+
+def bench_command(argv: list[str]) -> int:
+    from benchmarks import run_all
+
+    return run_all.main(argv)
+
+
+register("bench", bench_command)

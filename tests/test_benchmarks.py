@@ -1,0 +1,101 @@
+"""The benchmark harness (no timing assertions): parameter matching, FLOP and memory accounting,
+and that every result and the report carry all their fields. The peer (dalle2-pytorch) lives in
+its own venv and is never imported here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bench_decoder, bench_prior, bench_sampling, harness, run_all
+
+RESULT_FIELDS = ("bench", "params", "config", "side", "dtype", "threads", "wall_s", "cpu_s", "user_s", "sys_s",
+                 "minor_faults", "mem_mb", "mem_peak_mb", "throughput", "throughput_cpu", "unit", "batch")
+TRAIN_FIELDS = ("flops_per_step", "achieved_flops", "achieved_flops_cpu")
+PEER_DECODER_PARAMS, PEER_PRIOR_PARAMS = 14_245_251, 24_918_544  # dalle2-pytorch 1.15.6, the benchmark configs
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(main, argv: list[str], capsys) -> dict:
+    main(argv)
+    return harness.parse_result(capsys.readouterr().out)
+
+
+def test_decoder_width_is_matched_to_a_parameter_count():
+    target = bench_decoder.count_unet_params(bench_decoder.our_unet_config(24, tiny=True))
+    assert bench_decoder.match_model_channels(target, tiny=True) == (24, target)
+    channels, n = bench_decoder.match_model_channels(PEER_DECODER_PARAMS)
+    assert abs(n / PEER_DECODER_PARAMS - 1) <= 0.05 and channels % 8 == 0
+    smaller = bench_decoder.count_unet_params(bench_decoder.our_unet_config(channels - 8, tiny=False))
+    assert abs(smaller - PEER_DECODER_PARAMS) > abs(n - PEER_DECODER_PARAMS)  # the next width down is further
+
+
+def test_prior_mlp_is_matched_to_a_parameter_count():
+    target = bench_prior.count_prior_params(bench_prior.our_prior_config(192, tiny=True))
+    assert bench_prior.match_mlp_hidden(target, tiny=True) == (192, target)
+    hidden, n = bench_prior.match_mlp_hidden(PEER_PRIOR_PARAMS)
+    assert abs(n / PEER_PRIOR_PARAMS - 1) <= 0.01 and hidden % 64 == 0
+    config = bench_prior.our_prior_config(hidden, tiny=False)
+    assert (config.width, config.depth, config.heads) == (512, 6, 8)  # the peer's README prior
+
+
+def test_flop_counter_counts_cpu_flash_attention():
+    q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 7, 7))
+    with harness.flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 5 * 7 * 8)  # QK^T and AV, 2 FLOPs per MAC
+
+
+def test_memory_meter_sees_a_new_allocation():
+    meter = harness.MemoryMeter(torch.device("cpu"))
+    meter.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    report = meter.report()
+    assert report["mem_mb"] >= 60 and report["mem_peak_mb"] >= report["mem_base_mb"] + 60
+    del block
+
+
+def test_ours_results_and_report_have_every_field(capsys, one_thread):
+    tiny = ["--side", "ours", "--tiny", "--steps", "1", "--warmup", "1"]
+    decoder = run_main(bench_decoder.main, tiny, capsys)
+    prior = run_main(bench_prior.main, tiny, capsys)
+    sample = run_main(bench_sampling.main, [*tiny, "--model", "prior", "--sample-steps", "2"], capsys)
+    for result in (decoder, prior, sample):
+        assert set(RESULT_FIELDS) <= set(result), set(RESULT_FIELDS) - set(result)
+    for result in (decoder, prior):
+        assert set(TRAIN_FIELDS) <= set(result) and result["flops_per_step"] > 0
+    assert decoder["config"]["image_embed_dim"] == 512 and decoder["unit"] == "images/s"
+    assert sample["sample_steps"] == 2 and sample["bench"] == "prior_sample"
+    # The report from these results (the peer's side stood in by a copy with other numbers).
+    jobs = []
+    for name, result in (("decoder_train/fp32", decoder), ("prior_train/fp32", prior), ("prior_sample/fp32", sample)):
+        theirs = dict(result, side="theirs", throughput=result["throughput"] / 2, mem_mb=2 * result["mem_mb"])
+        jobs.append(run_all.Job(name, "", [], "decoder", runs=[result, theirs]))
+    peak = {"peak": {"fp32": {"flops_cpu": 1e11, "flops_wall": 1e11}}}
+    rows = [run_all.make_row(job, peak) for job in jobs]
+    for row in rows:
+        assert set(run_all.ROW_FIELDS) <= set(row), set(run_all.ROW_FIELDS) - set(row)
+        assert row["speed_ratio"] == pytest.approx(2.0) and row["params_ratio"] == 1.0
+    assert rows[0]["memory_ratio"] == pytest.approx(0.5) and rows[0]["memory_met"] is True
+    assert rows[0]["speed_met"] is False and rows[1]["speed_met"] is False and rows[2]["speed_met"] is False
+    assert rows[0]["peak_fraction_ours"] == pytest.approx(decoder["achieved_flops_cpu"] / 1e11)
+    assert rows[2]["memory_target"] is None and rows[2]["peak_fraction_ours"] is None
+    json.dumps(rows)
+    assert "decoder_train/fp32" in run_all.format_table(rows)
+
+
+def test_default_jobs_alternate_and_cover_the_issue():
+    jobs = run_all.default_jobs(["fp32", "bf16"], tiny=False)
+    assert {j.name.split("/")[0] for j in jobs} == set(run_all.SPEED_TARGETS)
+    assert all("--dtype" in j.args for j in jobs if "train" in j.name)
+    env = run_all.child_env(3)
+    assert env["MALLOC_MMAP_MAX_"] == "0" and env["OMP_NUM_THREADS"] == "3"
