@@ -263,6 +263,7 @@ class PipelineGenerator:
 
     def __init__(self, pipe: UnCLIPPipeline, config: GenerateConfig | None = None) -> None:
         self.pipe, self.config, self.clip = pipe, config or GenerateConfig(), pipe.clip
+        self.clip_weights: str | None = None
         self.sampling = self.config.decoder_sampling or pipe.decoder.sampling
         last = pipe.upsamplers[-1] if len(pipe.upsamplers) else pipe.decoder
         self.image_size = int(last.unet.config.image_size)
@@ -274,4 +275,6 @@ class PipelineGenerator:
 
 
 def load_pipeline(directory: str | Path, device: str | torch.device = "cpu") -> PipelineGenerator:
-    return PipelineGenerator(UnCLIPPipeline.load(directory, device))
+    gen = PipelineGenerator(UnCLIPPipeline.load(directory, device))
+    gen.clip_weights = str(Path(directory) / "clip.safetensors")  # named in the report's feature notes
+    return gen

@@ -130,5 +130,6 @@ def test_unclip_evaluate_on_a_pipeline_dir(saved: Path, tmp_path: Path):
                  "--kid-subset-size", "2", "--isc-splits", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["source"]["stage"] == "pipeline" and report["data"]["num_generated"] == 4
+    assert "random init" not in report["feature_extractor"]["description"]  # the pipeline's own CLIP
     assert report["shapes_accuracy"]["n_single"] == 2 and report["shapes_accuracy"]["n_two"] == 2
     assert (out / "report.html").is_file()
