@@ -16,6 +16,7 @@ from modules import cli
 from modules.lightning_cli import UnclipCLI, summarize_error
 from tests import ddp_probe
 from tests.ddp_probe import png, tar_bytes
+from tests.conftest import sample_members, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -177,24 +178,27 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "bad_trainer_key.yaml").write_text("trainer:\n  max_stepz: 3\n")
     (tmp / "bad_type.yaml").write_text("trainer:\n  max_steps: lots\n")
     (tmp / "bad_syntax.yaml").write_text("model: [unclosed\n")
+    # A real shard, so cases that must get past the data checks do not depend on data/shapes/.
+    write_tar(tmp / "ok-000000.tar", sample_members("000000000", np.full((16, 16, 3), 200, np.uint8), "a red circle"))
+    data = [f"--data.train_shards={tmp}/ok-000000.tar", "--data.val_shards=null"]
     return [
         (["fitt"], "unknown command 'fitt'"),
-        ([*DECODER, "--bogus_flag"], "unrecognized arguments: --bogus_flag"),
-        ([*DECODER, "--model.unet.bogus=3"], "model.unet.bogus: unknown option"),
-        ([*DECODER, "--config", str(tmp / "bad_key.yaml")], "model.bogus_key: unknown option"),
-        ([*DECODER, "--config", str(tmp / "bad_trainer_key.yaml")], "trainer.max_stepz: unknown option"),
-        ([*DECODER, "--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
-        ([*DECODER, "--model.unet.channel_mult=[1,x]"], "model.unet.channel_mult: expected int, got 'x'"),
-        ([*DECODER, "--model.drop_text_prob=high"], "model.drop_text_prob: expected float, got 'high'"),
-        ([*DECODER, "--config", str(tmp / "bad_type.yaml")], "trainer.max_steps: expected int, got 'lots'"),
-        ([*DECODER, "--config", str(tmp / "bad_syntax.yaml")], "cannot parse config"),
+        ([*DECODER, *data, "--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+        ([*DECODER, *data, "--model.unet.bogus=3"], "model.unet.bogus: unknown option"),
+        ([*DECODER, *data, "--config", str(tmp / "bad_key.yaml")], "model.bogus_key: unknown option"),
+        ([*DECODER, *data, "--config", str(tmp / "bad_trainer_key.yaml")], "trainer.max_stepz: unknown option"),
+        ([*DECODER, *data, "--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
+        ([*DECODER, *data, "--model.unet.channel_mult=[1,x]"], "model.unet.channel_mult: expected int, got 'x'"),
+        ([*DECODER, *data, "--model.drop_text_prob=high"], "model.drop_text_prob: expected float, got 'high'"),
+        ([*DECODER, *data, "--config", str(tmp / "bad_type.yaml")], "trainer.max_steps: expected int, got 'lots'"),
+        ([*DECODER, *data, "--config", str(tmp / "bad_syntax.yaml")], "cannot parse config"),
         (["fit", "--config", str(tmp / "missing.yaml")], f"config: file not found: {tmp / 'missing.yaml'}"),
-        ([*DECODER, "--model", "modules.nothere.Model"], "cannot import 'modules.nothere.Model'"),
-        ([*DECODER, "--model.clip_model=no-such-clip"], "model (modules.decoder_module.DecoderModule): unknown CLIP model 'no-such-clip'"),
-        ([*DECODER, "--trainer.devices=-5"], "trainer: `devices`"),
-        ([*DECODER, f"--data.train_shards={tmp}/none-{{000..009}}.tar"], "data.train_shards: no shard file matches"),
-        ([*DECODER, f"--model.clip_weights={tmp}/clip-stage/last.ckpt"], f"model.clip_weights: file not found: {tmp}/clip-stage/last.ckpt"),
-        ([*DECODER, f"--ckpt_path={tmp}/gone.ckpt"], f"ckpt_path: file not found: {tmp}/gone.ckpt"),
+        ([*DECODER, *data, "--model", "modules.nothere.Model"], "cannot import 'modules.nothere.Model'"),
+        ([*DECODER, *data, "--model.clip_model=no-such-clip"], "model (modules.decoder_module.DecoderModule): unknown CLIP model 'no-such-clip'"),
+        ([*DECODER, *data, "--trainer.devices=-5"], "trainer: `devices`"),
+        ([*DECODER, *data, f"--data.train_shards={tmp}/none-{{000..009}}.tar"], "data.train_shards: no shard file matches"),
+        ([*DECODER, *data, f"--model.clip_weights={tmp}/clip-stage/last.ckpt"], f"model.clip_weights: file not found: {tmp}/clip-stage/last.ckpt"),
+        ([*DECODER, *data, f"--ckpt_path={tmp}/gone.ckpt"], f"ckpt_path: file not found: {tmp}/gone.ckpt"),
         (["pipeline", "--clip-model", "tiny-vit", "--decoder", f"{tmp}/decoder.ckpt", "--out", str(tmp / "p")],
          f"decoder checkpoint not found: {tmp}/decoder.ckpt"),
     ]
