@@ -93,3 +93,12 @@ def test_prior_gradients_reach_every_parameter_with_the_last_query_only():
     net(**kw).square().mean().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_prior_memo_is_not_used_under_fresh_dropout():
+    torch.manual_seed(0)
+    net = PriorTransformer(PriorConfig(embed_dim=D, text_width=W, width=16, depth=2, heads=2, dropout=0.5)).train()
+    kw = prior_inputs()
+    with torch.no_grad():
+        a, b = net(**kw), net(**kw)
+    assert net._prefix_memo.value is None and not torch.allclose(a, b)  # caption dropout drawn anew each call

@@ -227,7 +227,7 @@ class PriorTransformer(nn.Module):
         b = x_t.shape[0]
         drop = torch.zeros(b, dtype=torch.bool, device=x_t.device) if drop_text is None else drop_text.bool()
         ones = torch.ones(b, 4, dtype=torch.bool, device=x_t.device)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or (self.training and self.config.dropout > 0):  # no memo under fresh dropout
             tokens, valid, zt = self.prefix(text_embed, text_tokens, text_mask, drop)
             h = torch.cat([tokens, self._tail(x_t, t, zt)], dim=1)  # (B, L + 4, w)
             h = self.transformer(h, torch.cat([valid, ones], dim=1), queries=1)  # (B, 1, w)
@@ -249,9 +249,9 @@ class PriorTransformer(nn.Module):
 
     def caption_keys_values(self, text_tokens: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[list[KeysValues], Tensor]:
         """Per-block caption keys/values and the caption's key validity (B, L)."""
-        tokens = self.prefix.tokens(text_tokens) + self.prefix.pos[: text_tokens.shape[1]]  # (B, L, w)
         if text_tokens.shape[1] > self.prefix.pos.shape[0]:
             raise ValueError(f"caption has {text_tokens.shape[1]} tokens, the prior was built for {self.prefix.pos.shape[0]}")
+        tokens = self.prefix.tokens(text_tokens) + self.prefix.pos[: text_tokens.shape[1]]  # (B, L, w)
         valid = text_mask.bool() & ~drop[:, None]
         return self.transformer.prefix_keys_values(tokens, valid), valid
 
