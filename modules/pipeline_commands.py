@@ -46,12 +46,10 @@ def load_image(path: str) -> Tensor:
 
 
 def _load_pipeline(path: str):
-    from modules.pipeline import PipelineError, UnCLIPPipeline
+    """A pipeline directory; a bad one raises `PipelineError`, a `UserError` (one line, exit 2)."""
+    from modules.pipeline import UnCLIPPipeline
 
-    try:
-        return UnCLIPPipeline.load(path)
-    except PipelineError as exc:
-        raise UserError(str(exc)) from None
+    return UnCLIPPipeline.load(path)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -77,7 +75,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_pipeline(argv: list[str]) -> int:
-    from modules.pipeline import PipelineError, UnCLIPPipeline
+    from modules.pipeline import UnCLIPPipeline
 
     p = argparse.ArgumentParser(prog="unclip pipeline", description="Assemble stage checkpoints into a pipeline directory.")
     p.add_argument("--clip-model", required=True)
@@ -88,10 +86,8 @@ def cmd_pipeline(argv: list[str]) -> int:
     p.add_argument("--upsampler", action="append", default=[], help="upsampler checkpoint (repeat, low to high)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    try:
-        pipe = UnCLIPPipeline.from_checkpoints(a.clip_model, a.clip_weights, a.decoder, a.prior, a.upsampler, a.prior_class)
-    except (PipelineError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
+    # PipelineError (a UserError) and FileNotFoundError are reported by `unclip` as one line.
+    pipe = UnCLIPPipeline.from_checkpoints(a.clip_model, a.clip_weights, a.decoder, a.prior, a.upsampler, a.prior_class)
     print(f"pipeline written to {pipe.save(a.out)}")
     return 0
 
