@@ -21,8 +21,7 @@ from torch import Tensor
 
 from modules import optim
 from modules.conditioning import ClipConditioner
-from modules.decoder_module import init_args
-from modules.hparams import as_config, to_plain
+from modules.hparams import as_config, init_args, to_plain
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer
 from modules.prior_metrics import RunningMean, compare_to_baselines
 from modules.prior_module import TEXT_KEYS, repeat_rows, select_best

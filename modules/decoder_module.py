@@ -20,7 +20,7 @@ from modules import optim
 from modules.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.validation import log_fixed_timestep_losses
-from modules.hparams import as_config, to_plain
+from modules.hparams import as_config, init_args, to_plain
 from modules.networks.unet import UNet, UNetConfig
 from modules.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
@@ -150,7 +150,3 @@ def to_unit(images: Tensor) -> Tensor:
     """[-1, 1] -> [0, 1] for image logging."""
     return ((images.float() + 1) / 2).clamp(0, 1)
 
-
-def init_args(frame_locals: dict[str, Any]) -> dict[str, Any]:
-    """A constructor's arguments from its `locals()` taken on entry (for plain-data hparams)."""
-    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}

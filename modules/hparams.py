@@ -56,3 +56,8 @@ def as_config(cls: type[T], value: T | dict | None) -> T:
     if isinstance(value, dict):
         return cls(**value)
     raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+def init_args(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments from its `locals()` taken on entry (for plain-data hparams)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}

@@ -28,11 +28,10 @@ from torch import Tensor
 
 from modules import optim
 from modules.conditioning import ClipConditioner
-from modules.decoder_module import init_args
 from modules.diffusion import Objective
 from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
 from modules.validation import log_fixed_timestep_losses
-from modules.hparams import as_config, to_plain
+from modules.hparams import as_config, init_args, to_plain
 from modules.networks.prior_transformer import PriorConfig, PriorTransformer
 from modules.prior_metrics import RunningMean, compare_to_baselines
 

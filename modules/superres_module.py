@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modules import optim
-from modules.decoder_module import init_args, to_unit
+from modules.decoder_module import to_unit
 from modules.degradations import DegradationConfig, Resampling, resize
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.validation import log_fixed_timestep_losses
-from modules.hparams import as_config, enum_member, to_plain
+from modules.hparams import as_config, enum_member, init_args, to_plain
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
