@@ -95,7 +95,7 @@ def test_clip_loss_uses_features_gathered_across_ranks(runs: dict) -> None:
 def test_sigterm_under_ddp_saves_last_ckpt_on_both_ranks_exit(tmp_path: Path) -> None:
     """Pre-emption of a 2-process run: both ranks get SIGTERM after step 3 (as SLURM / torchrun
     deliver it to every task); Lightning stops both at the batch boundary, `PreemptionCheckpoint`
-    writes last.ckpt (step 3) and each rank exits with 143."""
+    writes last.ckpt (step 3) and the run ends with a SIGTERM status."""
     shards = ddp_probe.write_embedding_shards(tmp_path / "emb", shards=4, per_shard=16)
     (tmp_path / "callbacks.yaml").write_text(
         "trainer:\n  callbacks:\n"
@@ -112,9 +112,10 @@ def test_sigterm_under_ddp_saves_last_ckpt_on_both_ranks_exit(tmp_path: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "UNCLIP_SIGNAL_AT": "3:TERM"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM") == 2, proc.stderr[-3000:]
-    # torchrun's summary lists the first failed worker and may list the second only if it exited
-    # before torchrun tore the group down: at least one 128 + SIGTERM status, never another code.
+    # torchrun's summary lists the first failed worker (exit 128 + SIGTERM). The other worker either
+    # exited the same way or, if it was still shutting down when torchrun tore the group down, was
+    # ended by torchrun's own SIGTERM (-15). Both are SIGTERM; any other status is a failure.
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
-    assert codes and set(codes) == {"143"}, codes
+    assert "143" in codes and set(codes) <= {"143", "-15"}, codes
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3, "the periodic checkpoint was at step 2"
