@@ -11,7 +11,7 @@ from torch import nn
 
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.networks.unet import UNet, UNetConfig
-from modules.networks.unet_blocks import AttentionBlock, Conditioning, timestep_embedding
+from modules.networks.unet_blocks import AttentionBlock, Conditioning, Resample, ResBlock, timestep_embedding
 
 IMG_DIM, TXT_DIM, L = 12, 10, 5
 
@@ -83,6 +83,21 @@ def test_tiny_widths_and_resblock_updown():
                               channel_mult=(1, 2, 2), attention_resolutions=(16, 8)))
     with torch.no_grad():
         assert run(model, inputs(2, 16)).shape == (2, 3, 16, 16)
+
+
+def test_per_level_res_blocks():
+    """num_res_blocks per level (Efficient U-Net): down/up block counts follow it, skips line up,
+    an int equals the same count repeated, and a count per missing level is a clear error."""
+    cfg = tiny_config(channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 3), attention_resolutions=(8,))
+    model = build(cfg)
+    res_down = sum(isinstance(m[0], ResBlock) and m[0].resample is Resample.NONE for m in model.input_blocks)
+    assert res_down == 1 + 2 + 3 and len(model.output_blocks) == 2 + 3 + 4
+    with torch.no_grad():
+        assert run(model, inputs(2, 16)).shape == (2, 3, 16, 16)
+    same = [tiny_config(num_res_blocks=n) for n in (2, (2, 2))]
+    assert build(same[0]).num_parameters() == build(same[1]).num_parameters()
+    with pytest.raises(ValueError, match="num_res_blocks: 2 counts for 3 levels"):
+        tiny_config(channel_mult=(1, 2, 2), num_res_blocks=(1, 2))
 
 
 def test_output_depends_on_conditioning():

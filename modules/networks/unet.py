@@ -9,7 +9,7 @@ concatenated with the caption tokens every attention layer attends to.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class UNetConfig:
     out_channels: int = 3  # 2 * in_channels for a learned variance
     model_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
-    num_res_blocks: int = 2
+    num_res_blocks: Union[int, tuple[int, ...]] = 2  # one count for every level, or one per level
     attention_resolutions: tuple[int, ...] = (32, 16, 8)
     num_head_channels: int = 64
     dropout: float = 0.0
@@ -60,10 +60,21 @@ class UNetConfig:
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
-        if not self.channel_mult or self.num_res_blocks < 1:
+        if not isinstance(self.num_res_blocks, int):
+            self.num_res_blocks = tuple(self.num_res_blocks)
+            if len(self.num_res_blocks) != len(self.channel_mult):
+                raise ValueError(f"num_res_blocks: {len(self.num_res_blocks)} counts for {len(self.channel_mult)} levels (channel_mult)")
+        if not self.channel_mult or min(self.blocks_per_level) < 1:
             raise ValueError("need at least one level and one res block per level")
         if self.context_dim is None:
             self.context_dim = self.model_channels * max(self.channel_mult)
+
+    @property
+    def blocks_per_level(self) -> tuple[int, ...]:
+        """Res blocks at each level. Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1) puts
+        more at the low resolutions, where a parameter costs far fewer FLOPs than at full size."""
+        n = self.num_res_blocks
+        return (n,) * len(self.channel_mult) if isinstance(n, int) else n
 
     @property
     def time_embed_dim(self) -> int:
@@ -214,8 +225,8 @@ class UNet(nn.Module):
         c = self.config
         blocks, ch, ds = nn.ModuleList(), c.model_channels, 1
         skip_channels = [ch]  # conv_in's output is the first skip
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
+        for level, (mult, n_blocks) in enumerate(zip(c.channel_mult, c.blocks_per_level)):
+            for _ in range(n_blocks):
                 layers: list[nn.Module] = [self._res(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if c.image_size // ds in c.attention_resolutions:
@@ -232,14 +243,14 @@ class UNet(nn.Module):
     def _build_up(self, ch: int, skip_channels: list[int]) -> tuple[nn.ModuleList, int]:
         c = self.config
         blocks, ds = nn.ModuleList(), 2 ** (len(c.channel_mult) - 1)
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
+        for level, (mult, n_blocks) in reversed(list(enumerate(zip(c.channel_mult, c.blocks_per_level)))):
+            for i in range(n_blocks + 1):
                 out = mult * c.model_channels
                 layers: list[nn.Module] = [self._res(ch + skip_channels.pop(), out)]
                 ch = out
                 if c.image_size // ds in c.attention_resolutions:
                     layers.append(self._attn(ch))
-                if level and i == c.num_res_blocks:
+                if level and i == n_blocks:
                     up = self._res(ch, ch, Resample.UP) if c.resblock_updown else Upsample(ch)
                     layers.append(up)
                     ds //= 2
