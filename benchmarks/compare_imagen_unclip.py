@@ -1,7 +1,8 @@
 """Imagen-style cascade vs unCLIP on the shapes data: same prompts, same seeds, same scorers.
 
-    .venv/bin/python benchmarks/compare_imagen_unclip.py --imagen runs/imagen-tiny/checkpoints/last.ckpt \
-        --unclip runs/unclip-tiny/pipeline --out runs/compare --budget "8 CPU-min each"
+    .venv/bin/python benchmarks/compare_imagen_unclip.py --imagen runs/imagen-base/checkpoints/last.ckpt \
+        --imagen-upsampler runs/imagen-sr/checkpoints/last.ckpt --unclip runs/demo/pipeline --out runs/compare \
+        --budget "9.5 min base vs prior + decoder, 2.5 min upsampler each"
 
 `--imagen` is an Imagen pipeline directory or a base-model checkpoint; `--unclip` an unCLIP
 pipeline directory (optional: without it only the Imagen grid and scores are written). Each
@@ -44,10 +45,10 @@ DEFAULT_PROMPTS = [
 Generate = Callable[[list[str], int], Tensor]  # (prompts, seed) -> (B, 3, H, W) in [0, 1]
 
 
-def load_imagen(path: str, overrides: dict[str, Any]) -> Generate:
+def load_imagen(path: str, upsamplers: list[str], overrides: dict[str, Any]) -> Generate:
     from modules.imagen_pipeline import ImagenGenerateConfig, ImagenPipeline
 
-    pipe = ImagenPipeline.from_checkpoints(path) if path.endswith(".ckpt") else ImagenPipeline.load(path)
+    pipe = ImagenPipeline.from_checkpoints(path, upsamplers) if path.endswith(".ckpt") else ImagenPipeline.load(path)
     cfg = ImagenGenerateConfig(base_sampling=dataclasses.replace(pipe.base.sampling, **overrides))
     return lambda prompts, seed: pipe.generate(prompts, 1, seed=seed, config=cfg)
 
@@ -92,6 +93,7 @@ def markdown(tables: dict[str, dict[str, Any]], budget: str | None, n_prompts: i
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--imagen", required=True, help="Imagen pipeline directory or base-model .ckpt")
+    p.add_argument("--imagen-upsampler", action="append", default=[], help="with a base .ckpt: its upsampler .ckpt (repeatable)")
     p.add_argument("--unclip", default=None, help="unCLIP pipeline directory")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--prompts-file", default=None, help="one prompt per line (default: the fixed probe set)")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = Path(a.prompts_file).read_text().splitlines() if a.prompts_file else DEFAULT_PROMPTS
     prompts = [q.strip() for q in prompts if q.strip()]
     overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance), ("sampler", a.sampler and Sampler[a.sampler])) if v is not None}
-    systems: dict[str, Generate] = {"imagen": load_imagen(a.imagen, overrides)}
+    systems: dict[str, Generate] = {"imagen": load_imagen(a.imagen, a.imagen_upsampler, overrides)}
     clip = None
     if a.unclip:
         systems["unclip"], clip = load_unclip(a.unclip, overrides)

@@ -91,7 +91,8 @@ class Demo:
         _check(_python() + ["evaluate-shapes", "--pipeline", str(self.pipeline), "--shards", str(self.data / "val-*.tar"),
                             "--num-prompts", str(self.eval_prompts), "--steps", "25", "--no-upsample", "--out", str(report)])
         _check(_python() + ["evaluate", "--pipeline", str(self.pipeline), "--val-shards", str(self.data / "val-*.tar"),
-                            "--num-samples", "32", "--kid-subset-size", "16", "--isc-splits", "2", "--out", str(report)])
+                            "--num-samples", "32", "--steps", "25", "--kid-subset-size", "16", "--isc-splits", "2",
+                            "--out", str(report)])
 
     def run(self, force: bool, only: list[str] | None) -> dict[str, float]:
         timings_path = self.out / "timings.json"
