@@ -26,9 +26,14 @@ from benchmarks.harness import Built, Side
 EMBED_DIM = 512
 # The peer's README decoder layout (dim_mults 1,2,4,8; cond_dim = dim), scaled by `dim`.
 PEER_DIM, PEER_DIM_TINY = 32, 8
-# Our layout: the paper's (DESIGN.md: mults 1,2,3,4, attention at 32/16/8 px, 64 channels per head),
-# two res blocks per level; model_channels is chosen to match the peer's parameter count.
-OUR_LAYOUT = dict(channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(32, 16, 8), num_head_channels=64)
+# Our layouts; model_channels is chosen to match the peer's parameter count.
+LAYOUTS = {
+    # the paper's (DESIGN.md: ADM mults 1,2,3,4, attention at 32/16/8 px, 64 channels per head), 2 res blocks
+    "paper": dict(channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(32, 16, 8), num_head_channels=64),
+    # Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1) on the peer's mults: res blocks moved to the
+    # low resolutions (1, 2, 2, 4), attention at 16/8 px only. The same parameters cost fewer FLOPs.
+    "efficient": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 4), attention_resolutions=(16, 8), num_head_channels=64),
+}
 TINY_LAYOUT = dict(channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_head_channels=16)
 
 
@@ -44,11 +49,11 @@ def sizes(tiny: bool) -> Sizes:
 
 
 # ------------------------------------------------------------------------------ parameter matching
-def our_unet_config(model_channels: int, tiny: bool, **overrides: Any) -> Any:
+def our_unet_config(model_channels: int, tiny: bool, layout: str = "paper", **overrides: Any) -> Any:
     from modules.networks.unet import UNetConfig
 
     kwargs = dict(image_size=sizes(tiny).image_size, model_channels=model_channels, image_embed_dim=EMBED_DIM,
-                  **(TINY_LAYOUT if tiny else OUR_LAYOUT))
+                  **(TINY_LAYOUT if tiny else LAYOUTS[layout]))
     return UNetConfig(**{**kwargs, **overrides})
 
 
@@ -60,12 +65,12 @@ def count_unet_params(config: Any) -> int:
         return UNet(config).num_parameters()
 
 
-def match_model_channels(target: int, tiny: bool = False, step: int = 8, **overrides: Any) -> tuple[int, int]:
+def match_model_channels(target: int, tiny: bool = False, step: int = 8, layout: str = "paper", **overrides: Any) -> tuple[int, int]:
     """(model_channels, params): the multiple of `step` whose U-Net is closest to `target` params."""
     best: tuple[float, int, int] | None = None
     for channels in range(step, 1024 + step, step):
         try:
-            n = count_unet_params(our_unet_config(channels, tiny, **overrides))
+            n = count_unet_params(our_unet_config(channels, tiny, layout, **overrides))
         except ValueError:  # widths whose attention layers do not split into whole heads
             continue
         gap = abs(n / target - 1)
@@ -91,8 +96,8 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
     sz = sizes(args.tiny)
     channels = args.model_channels
     if args.match_params:
-        channels, _ = match_model_channels(args.match_params, args.tiny)
-    unet = our_unet_config(channels, args.tiny, use_checkpoint=args.checkpoint)
+        channels, _ = match_model_channels(args.match_params, args.tiny, layout=args.layout)
+    unet = our_unet_config(channels, args.tiny, args.layout, use_checkpoint=args.checkpoint)
     module = DecoderModule(unet=unet, clip_model="ViT-B-32", condition_on_text=False).to(device)
     harness.maybe_compile(module.unet, args.compile)
     g = torch.Generator().manual_seed(args.seed)
@@ -153,6 +158,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Built:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--match-params", type=int, default=None, help="ours: size the U-Net to this many parameters")
     parser.add_argument("--model-channels", type=int, default=48, help="ours, without --match-params")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="paper", help="ours: U-Net layout (not with --tiny)")
     parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing, both sides")
     parser.add_argument("--sample-batch", type=int, default=4, help="images per sampling run")

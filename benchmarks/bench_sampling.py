@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Model, choices=list(Model), required=True)
     parser.add_argument("--match-params", type=int, default=None, help="ours: size the network to this many parameters")
     parser.add_argument("--model-channels", type=int, default=48, help="ours decoder, without --match-params")
+    parser.add_argument("--layout", choices=list(bench_decoder.LAYOUTS), default="paper", help="ours decoder: U-Net layout")
     parser.add_argument("--mlp-hidden", type=int, default=None, help="ours prior, without --match-params")
     parser.add_argument("--sample-steps", type=int, default=None, help="default: 50 (decoder), 64 (prior)")
     parser.add_argument("--guidance", type=float, default=None, help="default: 3.0 (decoder), 1.0 (prior)")

@@ -64,7 +64,13 @@ def default_jobs(dtypes: list[str], tiny: bool) -> list[Job]:
     if "fp32" in dtypes:
         jobs.append(Job("prior_train/fp32/20tok", "benchmarks.bench_prior", ["--dtype", "fp32", "--caption-tokens", "20"],
                         "prior", "fp32", theirs_from="prior_train/fp32"))
+    # Our U-Net in Imagen's Efficient U-Net layout at the same parameter count; the peer is unchanged.
+    if "fp32" in dtypes:
+        jobs.append(Job("decoder_train/fp32/efficient", "benchmarks.bench_decoder", ["--dtype", "fp32", "--layout", "efficient"],
+                        "decoder", "fp32", theirs_from="decoder_train/fp32"))
     jobs.append(Job("decoder_sample/fp32", "benchmarks.bench_sampling", ["--model", "decoder"], "decoder"))
+    jobs.append(Job("decoder_sample/fp32/efficient", "benchmarks.bench_sampling", ["--model", "decoder", "--layout", "efficient"],
+                    "decoder", theirs_from="decoder_sample/fp32"))
     jobs.append(Job("prior_sample/fp32", "benchmarks.bench_sampling", ["--model", "prior"], "prior"))
     if tiny:
         for job in jobs:

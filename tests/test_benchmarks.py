@@ -39,6 +39,22 @@ def test_decoder_width_is_matched_to_a_parameter_count():
     assert abs(smaller - PEER_DECODER_PARAMS) > abs(n - PEER_DECODER_PARAMS)  # the next width down is further
 
 
+def test_efficient_layout_matches_the_count_with_fewer_flops_per_step():
+    """Imagen's Efficient U-Net layout at the peer's count (±5%) costs less than half the FLOPs of
+    the paper layout per train step (forward + backward, batch 8, 64 px; counted on the meta device)."""
+    flops = {}
+    for layout in bench_decoder.LAYOUTS:
+        channels, n = bench_decoder.match_model_channels(PEER_DECODER_PARAMS, layout=layout)
+        assert abs(n / PEER_DECODER_PARAMS - 1) <= 0.05, (layout, n)
+        with torch.device("meta"):
+            from modules.networks.unet import UNet
+
+            unet = UNet(bench_decoder.our_unet_config(channels, tiny=False, layout=layout))
+            x, t, z = torch.randn(8, 3, 64, 64), torch.zeros(8, dtype=torch.long), torch.randn(8, bench_decoder.EMBED_DIM)
+            flops[layout] = harness.count_flops(lambda: unet(x, t, image_embed=z).square().mean().backward())
+    assert flops["efficient"] < 0.5 * flops["paper"], flops
+
+
 def test_prior_mlp_is_matched_to_a_parameter_count():
     target = bench_prior.count_prior_params(bench_prior.our_prior_config(192, tiny=True))
     assert bench_prior.match_mlp_hidden(target, tiny=True) == (192, target)
