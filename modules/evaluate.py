@@ -90,19 +90,14 @@ class DecoderGenerator:
 # -- loading ---------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint through `torch.load(weights_only=True)` (no arbitrary pickle)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    from modules.safe_load import CheckpointReadError, safe_torch_load
+    from modules.safe_load import CheckpointReadError, read_lightning_checkpoint
 
     try:
-        ckpt = safe_torch_load(path)
+        ckpt = read_lightning_checkpoint(path)
     except CheckpointReadError as exc:
         raise UserError(str(exc)) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise UserError(f"{path} is not a Lightning stage checkpoint (no state_dict / hyper_parameters)")
+    if "hyper_parameters" not in ckpt:
+        raise UserError(f"{path} is not a Lightning stage checkpoint (no hyper_parameters)")
     return ckpt
 
 

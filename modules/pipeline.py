@@ -27,7 +27,7 @@ from modules.cli import UserError
 from modules.conditioning import trim_tokens
 from modules.diffusion.config import SamplingConfig
 from modules.networks.clip import FrozenCLIP, read_state_dict
-from modules.safe_load import CheckpointReadError, safe_torch_load
+from modules.safe_load import CheckpointReadError, read_lightning_checkpoint
 
 FORMAT, VERSION = "unclip-pipeline", 1
 STAGE_CLASSES = {
@@ -79,11 +79,8 @@ def _class_path(obj: Any) -> str:
 def load_stage_checkpoint(kind: str, path: str | Path, class_path: str) -> nn.Module:
     """A stage module from a Lightning checkpoint, loaded with `weights_only=True` (EMA weights
     when the run used `EMAWeightAveraging`, which stores the average as `state_dict`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{kind} checkpoint not found: {path}")
     try:
-        ckpt = safe_torch_load(path)
+        ckpt = read_lightning_checkpoint(path, f"{kind} checkpoint")
     except CheckpointReadError as exc:
         raise PipelineError(str(exc)) from None
     module = _stage_class(kind, class_path, str(path))(**ckpt.get("hyper_parameters", {}))

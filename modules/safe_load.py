@@ -33,3 +33,15 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     except (RuntimeError, EOFError, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CheckpointReadError(f"cannot read checkpoint {path}: {reason}") from None
+
+
+def read_lightning_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A Lightning checkpoint through `safe_torch_load`; a missing file, an unreadable one or one
+    without a `state_dict` raises `CheckpointReadError` naming it (`what`: e.g. "decoder checkpoint")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"{what} not found: {path}")
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointReadError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
