@@ -1,18 +1,19 @@
 """Imagen-style cascade vs unCLIP on the shapes data: same prompts, same seeds, same scorers.
 
-    .venv/bin/python benchmarks/compare_imagen_unclip.py --imagen runs/imagen-base/checkpoints/last.ckpt \
-        --imagen-upsampler runs/imagen-sr/checkpoints/last.ckpt --unclip runs/demo/pipeline --out runs/compare \
-        --budget "9.5 min base vs prior + decoder, 2.5 min upsampler each"
+    .venv/bin/python benchmarks/compare_imagen_unclip.py --imagen runs/imagen-demo/base/checkpoints/last.ckpt \
+        --imagen-upsampler runs/imagen-demo/superres/checkpoints/last.ckpt --unclip runs/demo/pipeline --out runs/compare \
+        --budget "9.5 min base vs prior + decoder, 2 min upsampler each"
 
 `--imagen` is an Imagen pipeline directory or a base-model checkpoint; `--unclip` an unCLIP
 pipeline directory (optional: without it only the Imagen grid and scores are written). Each
 system generates one image per (prompt, seed) with `pipe.generate(prompts, 1, seed=s)`, and every
 image is scored by the deterministic compositional evaluator (`modules.shapes_evaluator`:
 single-object accuracy, two-object binding accuracy with and without the relation) and by CLIP
-score (100 x cosine of image and caption embeddings). The CLIP scorer defaults to the unCLIP
-pipeline's own CLIP, which favours unCLIP (its decoder was trained on those embeddings); pass
-`--clip-weights` for an independent one. Writes `comparison.json`, `comparison.md` and, per
-system, `<name>/grid.png` (rows = prompts, columns = seeds) and `<name>/rows.json`.
+score (100 x cosine of image and caption embeddings): `clip_score_own` with the unCLIP pipeline's
+own CLIP, which favours unCLIP (its decoder was trained on those embeddings), and `clip_score` with
+an independent CLIP given by `--clip-model/--clip-weights` (e.g. another CLIP run on the same data).
+Writes `comparison.json`, `comparison.md` and, per system, `<name>/grid.png` (rows = prompts,
+columns = seeds) and `<name>/rows.json`.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def load_unclip(path: str, overrides: dict[str, Any]) -> tuple[Generate, Any]:
 
 
 @torch.no_grad()
-def run_system(generate: Generate, prompts: list[str], seeds: list[int], clip: Any | None) -> tuple[dict[str, Any], Tensor]:
-    """Images (P * S, 3, H, W) prompt-major and their scores: accuracy table, CLIP score, rows."""
+def run_system(generate: Generate, prompts: list[str], seeds: list[int], clips: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
+    """Images (P * S, 3, H, W) prompt-major and their scores: accuracy table, one CLIP score per
+    entry of `clips` (result key -> CLIP), rows."""
     start = time.perf_counter()
     per_seed = [generate(prompts, seed) for seed in seeds]  # each (P, 3, H, W)
     seconds = time.perf_counter() - start
@@ -71,21 +73,22 @@ def run_system(generate: Generate, prompts: list[str], seeds: list[int], clip: A
     captions = [p for p in prompts for _ in seeds]
     rows = [{**evaluate_image(img, cap), "seed": seed} for img, cap, seed in zip(images, captions, seeds * len(prompts))]
     result: dict[str, Any] = {**accuracy_table(rows), "seconds": seconds, "image_size": int(images.shape[-1])}
-    if clip is not None:
-        from callbacks.generation_metrics import ClipScore
+    from callbacks.generation_metrics import ClipScore
 
+    for key, clip in clips.items():
         metric = ClipScore(clip)
         metric.update(images, captions)
-        result["clip_score"] = float(metric.compute())
+        result[key] = float(metric.compute())
     return {"table": result, "rows": rows}, images
 
 
 def markdown(tables: dict[str, dict[str, Any]], budget: str | None, n_prompts: int, seeds: list[int]) -> str:
-    keys = ["single_object_accuracy", "two_object_accuracy", "two_object_objects_accuracy", "overall_accuracy", "clip_score"]
+    keys = ["single_object_accuracy", "two_object_accuracy", "two_object_objects_accuracy", "overall_accuracy", "clip_score",
+            "clip_score_own"]
     lines = [f"Prompts: {n_prompts} x seeds {seeds}. Training budget: {budget or 'not stated'}.", "",
              "| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, t in tables.items():
-        cells = ["-" if t.get(k) is None else f"{t[k]:.3f}" if k != "clip_score" else f"{t[k]:.2f}" for k in keys]
+        cells = ["-" if t.get(k) is None else f"{t[k]:.2f}" if k.startswith("clip_score") else f"{t[k]:.3f}" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="base/decoder sampling steps for both (default: each config's)")
     p.add_argument("--guidance", type=float, default=None, help="base/decoder guidance scale for both")
     p.add_argument("--sampler", choices=[s.name for s in Sampler], default=None, help="base/decoder sampler for both")
-    p.add_argument("--clip-model", default=None, help="CLIP scorer (default: the unCLIP pipeline's CLIP)")
+    p.add_argument("--clip-model", default=None, help="an independent CLIP scorer (clip_score)")
     p.add_argument("--clip-weights", default=None)
     p.add_argument("--budget", default=None, help="training budget to state in the table")
     a = p.parse_args(argv)
@@ -109,18 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [q.strip() for q in prompts if q.strip()]
     overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance), ("sampler", a.sampler and Sampler[a.sampler])) if v is not None}
     systems: dict[str, Generate] = {"imagen": load_imagen(a.imagen, a.imagen_upsampler, overrides)}
-    clip = None
+    clips: dict[str, Any] = {}
     if a.unclip:
-        systems["unclip"], clip = load_unclip(a.unclip, overrides)
+        systems["unclip"], clips["clip_score_own"] = load_unclip(a.unclip, overrides)
     if a.clip_model:
         from modules.networks.clip import FrozenCLIP
 
-        clip = FrozenCLIP(a.clip_model, a.clip_weights)
+        clips["clip_score"] = FrozenCLIP(a.clip_model, a.clip_weights)
     from modules.pipeline_commands import save_images
 
     report: dict[str, Any] = {"prompts": prompts, "seeds": a.seeds, "budget": a.budget, "sampling_overrides": {k: str(v) for k, v in overrides.items()}, "systems": {}}
     for name, generate in systems.items():
-        result, images = run_system(generate, prompts, a.seeds, clip)
+        result, images = run_system(generate, prompts, a.seeds, clips)
         report["systems"][name] = result["table"]
         (a.out / name).mkdir(parents=True, exist_ok=True)
         (a.out / name / "rows.json").write_text(json.dumps(result["rows"], indent=1))

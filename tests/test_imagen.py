@@ -206,8 +206,8 @@ def _drawn(swap_colours: bool):
 def test_comparison_scores_binding_per_prompt_and_seed(pipeline: ImagenPipeline, tmp_path: Path):
     from benchmarks.compare_imagen_unclip import DEFAULT_PROMPTS, main, run_system
 
-    oracle, _ = run_system(_drawn(False), DEFAULT_PROMPTS, [0, 1], clip=None)
-    swapped, images = run_system(_drawn(True), DEFAULT_PROMPTS, [0, 1], clip=None)
+    oracle, _ = run_system(_drawn(False), DEFAULT_PROMPTS, [0, 1], clips={})
+    swapped, images = run_system(_drawn(True), DEFAULT_PROMPTS, [0, 1], clips={})
     assert oracle["table"]["n_single"] == 16 and oracle["table"]["n_two"] == 16  # 8 + 8 prompts x 2 seeds
     assert oracle["table"]["single_object_accuracy"] == oracle["table"]["two_object_accuracy"] == 1.0
     assert swapped["table"]["single_object_accuracy"] == 1.0 and swapped["table"]["two_object_objects_accuracy"] == 0.0
