@@ -2,7 +2,7 @@
 
 shapes shards -> CLIP -> embedding export -> diffusion prior -> decoder -> upsampler ->
 pipeline directory -> generated grid + compositional accuracy (with and without the prior) ->
-evaluation report. Each training stage is `unclip fit --config experiments/<stage>/tiny.yaml
+evaluation report -> variation / interpolation / text-diff grids (paper §3). Each training stage is `unclip fit --config experiments/<stage>/tiny.yaml
 --config experiments/demo/<stage>.yaml` (the demo overlay sets budgets and paths) in its own
 process. A finished stage leaves `<out>/<stage>/DONE` and is skipped on the next run (`--force`
 redoes everything). Per-stage wall times go to `<out>/timings.json`.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from modules.cli import UserError, register
 
 DEMO_PROMPTS = [
@@ -28,6 +30,11 @@ DEMO_PROMPTS = [
     "a red circle to the left of a blue square", "a green triangle above a yellow circle",
     "a purple square below an orange circle", "a blue triangle to the right of a red square",
 ]
+
+
+# Manipulation inputs, drawn by the shapes generator: (caption, seed of its layout).
+MANIP_INPUTS = [("a red circle", 0), ("a blue square", 1)]
+TEXT_DIFF = ("a red circle", "a blue circle")  # base caption of input 0 -> new caption
 
 
 @dataclass
@@ -78,6 +85,7 @@ class Demo:
                 "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--out", str(self.pipeline)])),
             Stage("generate", self.generate),
             Stage("evaluate", self.evaluate),
+            Stage("manipulate", self.manipulate),
         ]
 
     def generate(self) -> None:
@@ -93,6 +101,24 @@ class Demo:
         _check(_python() + ["evaluate", "--pipeline", str(self.pipeline), "--val-shards", str(self.data / "val-*.tar"),
                             "--num-samples", "32", "--steps", "25", "--kid-subset-size", "16", "--isc-splits", "2",
                             "--out", str(report)])
+
+    def manipulate(self) -> None:
+        from datamodules.shapes import draw_scene, layout_scene, parse_caption
+
+        out = self.out / "manip"
+        out.mkdir(parents=True, exist_ok=True)
+        images = []
+        for i, (caption, seed) in enumerate(MANIP_INPUTS):
+            objects, relation, _ = parse_caption(caption)
+            images.append(str(out / f"in{i}.png"))
+            draw_scene(layout_scene(np.random.default_rng(seed), 64, objects, relation), 64).save(images[-1])
+        common = ["--pipeline", str(self.pipeline), "--seed", "0"]
+        _check(_python() + ["vary", *common, "--image", images[0], "--image", images[1], "--num-images", "4",
+                            "--out", str(out / "vary")])
+        _check(_python() + ["interpolate", *common, "--image", images[0], "--image", images[1], "--num-images", "6",
+                            "--out", str(out / "interpolate")])
+        _check(_python() + ["textdiff", *common, "--image", images[0], "--base-caption", TEXT_DIFF[0],
+                            "--caption", TEXT_DIFF[1], "--num-images", "5", "--out", str(out / "textdiff")])
 
     def run(self, force: bool, only: list[str] | None) -> dict[str, float]:
         timings_path = self.out / "timings.json"
@@ -131,7 +157,7 @@ def cmd_demo(argv: list[str]) -> int:
     for name, secs in timings.items():
         print(f"{name:<12} {secs:>7.1f}")
     print(f"{'total':<12} {sum(timings.values()):>7.1f}   (this invocation: {time.perf_counter() - start:.1f} s)")
-    print(f"\nsamples: {a.out}/samples/grid.png   report: {a.out}/report/report.html")
+    print(f"\nsamples: {a.out}/samples/grid.png   report: {a.out}/report/report.html   manipulations: {a.out}/manip/*/grid.png")
     return 0
 
 

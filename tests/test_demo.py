@@ -58,7 +58,7 @@ def test_training_budgets_leave_a_third_of_the_twenty_minutes_for_the_rest() -> 
     total = sum((budget(parse(base, overlay).config.trainer) for base, overlay, _ in STAGES.values()), timedelta())
     assert total <= timedelta(minutes=14), total
     stages = [s.name for s in Demo(Path("runs/demo"), 10, 10).stages()]
-    assert stages == ["data", "clip", "embed", "prior", "decoder", "superres", "pipeline", "generate", "evaluate"]
+    assert stages == ["data", "clip", "embed", "prior", "decoder", "superres", "pipeline", "generate", "evaluate", "manipulate"]
 
 
 def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
