@@ -149,7 +149,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'benchmark':<22} {'params o/t':>10} {'ours':>9} {'theirs':>9} {'unit':<13} {'speed':>6} {'(cpu)':>6} "
+    width = max([len("benchmark")] + [len(r["job"]) for r in rows])
+    head = (f"{'benchmark':<{width}} {'params o/t':>10} {'ours':>9} {'theirs':>9} {'unit':<13} {'speed':>6} {'(cpu)':>6} "
             f"{'target':>6} {'mem o/t':>7} {'MB ours':>8} {'MB theirs':>9} {'peak% o/t':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -158,7 +159,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         peak = ("-" if r["peak_fraction_ours"] is None else
                 f"{100 * r['peak_fraction_ours']:.0f}/{100 * r['peak_fraction_theirs']:.0f}")
         lines.append(
-            f"{r['job']:<22} {_fmt(r['params_ratio'], '.3f'):>10} {r['throughput_ours']:>9.3g} {r['throughput_theirs']:>9.3g} "
+            f"{r['job']:<{width}} {_fmt(r['params_ratio'], '.3f'):>10} {r['throughput_ours']:>9.3g} {r['throughput_theirs']:>9.3g} "
             f"{r['unit']:<13} {r['speed_ratio']:>5.2f}x {_fmt(r['speed_ratio_cpu'], '.2f'):>5}x {target:>6} {mem:>7} "
             f"{r['mem_mb_ours']:>8.0f} {r['mem_mb_theirs']:>9.0f} {peak:>10}")
     lines.append("speed = throughput ours/theirs (wall; cpu = by process CPU time); target met '+', missed '!'; "
