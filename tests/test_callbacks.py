@@ -74,7 +74,8 @@ def test_tiny_fit_writes_offline_wandb_run(tmp_path, tiny_shards):
     # Validations at steps 2 and 4; with every_n_validations=3 only the last one of the fit computes metrics.
     assert len(scalars["val/loss"]) == 2 and len(scalars["val/fid"]) == 1 and scalars["val/fid"][0] >= 0
     assert scalars["val/num_generated"] == [6.0]
-    assert scalars["lr-AdamW/pg1"][0] == pytest.approx(3e-4)  # warmup of 1 step: full LR from step 0
+    lr = yaml.safe_load(config.read_text())["model"]["init_args"]["optimizer"]["lr"]
+    assert scalars["lr-AdamW/pg1"][0] == pytest.approx(lr)  # warmup of 1 step: the configured LR from step 0
     # Captioned sample images (4 per validation) and one grid per validation, stored in the run.
     rows = [r for r in run.history if "samples/val" in r]
     assert len(rows) == 2 and rows[0]["samples/val"]["count"] == 4 and len(rows[0]["samples/val"]["captions"]) == 4
