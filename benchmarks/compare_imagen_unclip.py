@@ -31,7 +31,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.diffusion.config import Sampler  # noqa: E402
+from modules.diffusion.config import Clipping, Sampler  # noqa: E402
 from modules.shapes_evaluator import accuracy_table, evaluate_image  # noqa: E402
 
 # A fixed probe set: every colour and shape alone, and two-object scenes with every relation.
@@ -46,19 +46,21 @@ DEFAULT_PROMPTS = [
 Generate = Callable[[list[str], int], Tensor]  # (prompts, seed) -> (B, 3, H, W) in [0, 1]
 
 
-def load_imagen(path: str, upsamplers: list[str], overrides: dict[str, Any]) -> Generate:
+def load_imagen(path: str, upsamplers: list[str], overrides: dict[str, Any], up_overrides: dict[str, Any]) -> Generate:
     from modules.imagen_pipeline import ImagenGenerateConfig, ImagenPipeline
 
     pipe = ImagenPipeline.from_checkpoints(path, upsamplers) if path.endswith(".ckpt") else ImagenPipeline.load(path)
-    cfg = ImagenGenerateConfig(base_sampling=dataclasses.replace(pipe.base.sampling, **overrides))
+    cfg = ImagenGenerateConfig(base_sampling=dataclasses.replace(pipe.base.sampling, **overrides),
+                               upsampler_sampling=[dataclasses.replace(u.sampling, **up_overrides) for u in pipe.upsamplers])
     return lambda prompts, seed: pipe.generate(prompts, 1, seed=seed, config=cfg)
 
 
-def load_unclip(path: str, overrides: dict[str, Any]) -> tuple[Generate, Any]:
+def load_unclip(path: str, overrides: dict[str, Any], up_overrides: dict[str, Any]) -> tuple[Generate, Any]:
     from modules.pipeline import GenerateConfig, UnCLIPPipeline
 
     pipe = UnCLIPPipeline.load(path)
-    cfg = GenerateConfig(decoder_sampling=dataclasses.replace(pipe.decoder.sampling, **overrides))
+    cfg = GenerateConfig(decoder_sampling=dataclasses.replace(pipe.decoder.sampling, **overrides),
+                         upsampler_sampling=[dataclasses.replace(u.sampling, **up_overrides) for u in pipe.upsamplers])
     return (lambda prompts, seed: pipe.generate(prompts, 1, seed=seed, config=cfg)), pipe.clip
 
 
@@ -104,17 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="base/decoder sampling steps for both (default: each config's)")
     p.add_argument("--guidance", type=float, default=None, help="base/decoder guidance scale for both")
     p.add_argument("--sampler", choices=[s.name for s in Sampler], default=None, help="base/decoder sampler for both")
+    p.add_argument("--clipping", choices=[c.name for c in Clipping], default=None,
+                   help="x0 clipping of every stage of both systems (default: each config's)")
     p.add_argument("--clip-model", default=None, help="an independent CLIP scorer (clip_score)")
     p.add_argument("--clip-weights", default=None)
     p.add_argument("--budget", default=None, help="training budget to state in the table")
     a = p.parse_args(argv)
     prompts = Path(a.prompts_file).read_text().splitlines() if a.prompts_file else DEFAULT_PROMPTS
     prompts = [q.strip() for q in prompts if q.strip()]
+    up_overrides = {} if a.clipping is None else {"clipping": Clipping[a.clipping]}
     overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance), ("sampler", a.sampler and Sampler[a.sampler])) if v is not None}
-    systems: dict[str, Generate] = {"imagen": load_imagen(a.imagen, a.imagen_upsampler, overrides)}
+    overrides.update(up_overrides)
+    systems: dict[str, Generate] = {"imagen": load_imagen(a.imagen, a.imagen_upsampler, overrides, up_overrides)}
     clips: dict[str, Any] = {}
     if a.unclip:
-        systems["unclip"], clips["clip_score_own"] = load_unclip(a.unclip, overrides)
+        systems["unclip"], clips["clip_score_own"] = load_unclip(a.unclip, overrides, up_overrides)
     if a.clip_model:
         from modules.networks.clip import FrozenCLIP
 
