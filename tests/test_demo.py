@@ -35,8 +35,9 @@ def paths(trainer) -> list[str]:
     """Every directory the trainer's logger and callbacks write to."""
     found = [trainer.default_root_dir, trainer.logger.init_args.save_dir]
     for cb in trainer.callbacks:
-        args = cb.get("init_args") or {}
-        found += [args[k] for k in ("dirpath",) if args.get(k)]
+        dirpath = (cb.get("init_args") or {}).get("dirpath")
+        if dirpath:
+            found.append(dirpath)
     return [str(p) for p in found]
 
 
