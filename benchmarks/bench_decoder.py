@@ -97,7 +97,8 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
     channels = args.model_channels
     if args.match_params:
         channels, _ = match_model_channels(args.match_params, args.tiny, layout=args.layout)
-    unet = our_unet_config(channels, args.tiny, args.layout, use_checkpoint=args.checkpoint)
+    unet = our_unet_config(channels, args.tiny, args.layout, use_checkpoint=args.checkpoint,
+                           channels_last=args.channels_last)
     module = DecoderModule(unet=unet, clip_model="ViT-B-32", condition_on_text=False).to(device)
     harness.maybe_compile(module.unet, args.compile)
     g = torch.Generator().manual_seed(args.seed)
@@ -133,10 +134,14 @@ def build_theirs(args: argparse.Namespace, device: torch.device) -> Built:
     decoder = Decoder(unet=Unet(**config), image_size=sz.image_size, timesteps=1000, learned_variance=False,
                       image_cond_drop_prob=0.1, text_cond_drop_prob=0.5, sample_timesteps=50).to(device)
     network = decoder.unets[0]
+    if args.channels_last:
+        network.to(memory_format=torch.channels_last)
     harness.maybe_compile(network, args.compile)
     g = torch.Generator().manual_seed(args.seed)
     B = sz.batch
     images = torch.rand(B, 3, sz.image_size, sz.image_size, generator=g).to(device)  # [0, 1]: it normalises
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     embeds = unit_embeds(B, args.seed, device)
 
     opt = harness.make_optimizer(network.parameters(), args.fused_adam)
@@ -161,6 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=list(LAYOUTS), default="paper", help="ours: U-Net layout (not with --tiny)")
     parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing, both sides")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                        help="NHWC weights and activations, both sides")
     parser.add_argument("--sample-batch", type=int, default=4, help="images per sampling run")
     parser.add_argument("--count-only", action="store_true", help="report the parameter count and exit")
     return parser

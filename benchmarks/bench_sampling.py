@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--sample-batch", type=int, default=4, help="images / captions per run")
     parser.add_argument("--count-only", action="store_true", help="report the parameter count and exit")
     parser.add_argument("--caption-tokens", type=int, default=None, help="prior: real tokens per caption (default 77)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                        help="decoder: NHWC weights and activations, both sides")
     parser.set_defaults(fused_adam=False, checkpoint=False)
     return parser
 

@@ -62,6 +62,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup:
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (tests): seconds, not minutes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-linear", choices=("auto", "onednn", "blas"), default="auto",
+                        help="ours: backend of fp32 CPU linear layers (modules/networks/linear.py)")
     return parser
 
 
@@ -69,6 +71,10 @@ def configure_runtime(args: argparse.Namespace) -> torch.device:
     """Threads, seed, device; on CUDA also TF32 off so fp32 stays fp32 on both sides."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.side is Side.OURS:
+        from modules.networks.linear import set_cpu_linear_backend
+
+        set_cpu_linear_backend(args.cpu_linear)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.networks.linear import Linear
 from modules.networks.prior_transformer import CaptionPrefix, TransformerStack
 
 
@@ -154,7 +155,7 @@ class ARPriorTransformer(nn.Module):
         self.code_pos = nn.Parameter(torch.randn(c.num_components, c.width) * 0.02)  # which PCA coordinate
         self.roles = nn.Parameter(torch.randn(2, c.width) * 0.02)  # [z_t, similarity]
         self.transformer = TransformerStack(c.width, c.depth, c.heads, c.mlp_ratio, c.dropout, c.use_checkpoint)
-        self.head = nn.Linear(c.width, c.num_buckets)
+        self.head = Linear(c.width, c.num_buckets)
         nn.init.normal_(self.codes.weight, std=0.02)
         nn.init.normal_(self.similarity.weight, std=0.02)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modules.networks.linear import Linear, linear
 from modules.networks.unet_blocks import timestep_embedding
 
 
@@ -86,8 +87,8 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def _split(self, x: Tensor) -> Tensor:
         b, n, w = x.shape
@@ -95,7 +96,7 @@ class SelfAttention(nn.Module):
 
     def keys_values(self, x: Tensor) -> KeysValues:
         w = x.shape[-1]
-        k, v = F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).chunk(2, dim=-1)  # (B, N, w) each
+        k, v = linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).chunk(2, dim=-1)  # (B, N, w) each
         return self._split(k), self._split(v)
 
     def forward(self, x: Tensor, mask: Tensor, past: Optional[KeysValues] = None, queries: Optional[int] = None) -> Tensor:
@@ -105,7 +106,7 @@ class SelfAttention(nn.Module):
         else:
             k, v = self.keys_values(x)
             x_q = x if queries is None else x[:, n - queries:]
-            q = self._split(F.linear(x_q, self.qkv.weight[:w], self.qkv.bias[:w]))  # (B, H, Q, Dh)
+            q = self._split(linear(x_q, self.qkv.weight[:w], self.qkv.bias[:w]))  # (B, H, Q, Dh)
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, Dh)
         p = self.dropout if self.training else 0.0
@@ -121,7 +122,7 @@ class Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(Linear(width, hidden), nn.GELU(), Linear(hidden, width), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, mask: Tensor, past: Optional[KeysValues] = None, queries: Optional[int] = None) -> Tensor:
         """x (B, N, w) -> (B, N or queries, w); see `SelfAttention` for ``past`` / ``queries``."""
@@ -179,9 +180,9 @@ class CaptionPrefix(nn.Module):
 
     def __init__(self, text_width: int, embed_dim: int, width: int, max_text_len: int) -> None:
         super().__init__()
-        self.tokens = nn.Linear(text_width, width)
+        self.tokens = Linear(text_width, width)
         self.pos = nn.Parameter(torch.randn(max_text_len, width) * 0.02)
-        self.text_embed = nn.Linear(embed_dim, width)
+        self.text_embed = Linear(embed_dim, width)
         self.null_text_embed = nn.Parameter(torch.randn(width) * 0.02)
 
     def forward(self, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,12 +207,12 @@ class PriorTransformer(nn.Module):
         super().__init__()
         c = self.config = config
         self.prefix = CaptionPrefix(c.text_width, c.embed_dim, c.width, c.max_text_len)
-        self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
-        self.x_proj = nn.Linear(c.embed_dim, c.width)
+        self.time_mlp = nn.Sequential(Linear(c.width, c.width), nn.SiLU(), Linear(c.width, c.width))
+        self.x_proj = Linear(c.embed_dim, c.width)
         self.query = nn.Parameter(torch.randn(c.width) * 0.02)
         self.roles = nn.Parameter(torch.randn(4, c.width) * 0.02)  # [z_t, time, x_t, query]
         self.transformer = TransformerStack(c.width, c.depth, c.heads, c.mlp_ratio, c.dropout, c.use_checkpoint)
-        self.out = nn.Linear(c.width, c.embed_dim)
+        self.out = Linear(c.width, c.embed_dim)
         self._prefix_memo = PrefixMemo()
 
     def forward(

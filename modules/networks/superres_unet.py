@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.hparams import coerce_fields
+from modules.networks.linear import Linear
 from modules.networks.unet import UNet, UNetConfig
 from modules.networks.unet_blocks import timestep_embedding
 
@@ -64,7 +65,7 @@ class SuperResUNet(UNet):
         super().__init__(config)
         mc, emb_dim = config.model_channels, config.time_embed_dim
         self.aug_embed = nn.Sequential(
-            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim)
         )
 
     def _input_channels(self) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modules.networks.linear import Linear
 from modules.networks.unet_blocks import (
     AttentionBlock,
     CondSequential,
@@ -56,6 +57,7 @@ class UNetConfig:
     context_dim: Optional[int] = None
     resblock_updown: bool = False
     num_groups: int = 32
+    channels_last: bool = False  # NHWC weights and activations (oneDNN's native layout on CPU)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -111,12 +113,12 @@ class UnclipConditioner(nn.Module):
         if self.image_enabled:
             d = c.image_embed_dim
             self.null_image = nn.Parameter(torch.randn(d) * d**-0.5)
-            self.image_to_emb = nn.Linear(d, emb_dim)
-            self.image_to_tokens = nn.Linear(d, c.num_image_tokens * ctx)
+            self.image_to_emb = Linear(d, emb_dim)
+            self.image_to_tokens = Linear(d, c.num_image_tokens * ctx)
         if self.text_enabled:
-            self.text_proj = nn.Linear(c.text_embed_dim, ctx)
+            self.text_proj = Linear(c.text_embed_dim, ctx)
             self.null_text = nn.Parameter(torch.randn(ctx) * ctx**-0.5)
-            self.text_to_emb = nn.Linear(ctx, emb_dim)
+            self.text_to_emb = Linear(ctx, emb_dim)
         self.context_norm = nn.LayerNorm(ctx) if c.has_context else None
 
     def forward(
@@ -183,7 +185,7 @@ class UNet(nn.Module):
         self.config = c = config
         mc, emb_dim = c.model_channels, c.time_embed_dim
         self.time_embed = nn.Sequential(
-            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim)
         )
         self.conditioner = UnclipConditioner(c)
         self._num_downsamples = len(c.channel_mult) - 1
@@ -200,6 +202,8 @@ class UNet(nn.Module):
             nn.SiLU(),
             zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)),
         )
+        if c.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- construction
     def _input_channels(self) -> int:
@@ -292,6 +296,8 @@ class UNet(nn.Module):
         factor = 2**self._num_downsamples
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"H and W must be divisible by {factor}, got {tuple(x.shape[-2:])}")
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)  # (B, mc, H, W)
         skips = [h]
         for block in self.input_blocks:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.networks.linear import Conv1x1, Linear
+
 
 class Conditioning(NamedTuple):
     """What every block may read besides its input feature map."""
@@ -94,13 +96,13 @@ class ResBlock(nn.Module):
         self.resample = resample
         self.in_norm = group_norm(channels, num_groups)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)  # -> (scale, shift)
+        self.emb_proj = Linear(emb_dim, 2 * out_channels)  # -> (scale, shift)
         # The affine part of this norm is carried by the bias of emb_proj, so none here.
         self.out_norm = group_norm(out_channels, num_groups, affine=False)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = (
-            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else Conv1x1(channels, out_channels)
         )
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
@@ -135,9 +137,9 @@ class AttentionBlock(nn.Module):
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
         self.norm = group_norm(channels, num_groups)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
-        self.proj = zero_module(nn.Linear(channels, channels))
+        self.qkv = Linear(channels, 3 * channels)
+        self.context_kv = Linear(context_dim, 2 * channels) if context_dim else None
+        self.proj = zero_module(Linear(channels, channels))
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         B, C, H, W = x.shape

@@ -1,0 +1,118 @@
+"""`Linear` that runs its fp32 CPU GEMMs through oneDNN instead of MKL where that is faster.
+
+On CPU, torch sends `nn.Linear` (addmm / mm) to MKL's sgemm and convolutions to oneDNN. MKL picks
+its kernels by CPU vendor: on AMD Zen it runs sgemm at about 40% of what oneDNN reaches on the same
+core (measured here: ~105 vs ~250 GFLOP/s per core, forward + backward; `benchmarks/matmul_peak.py`
+and `benchmarks/profile_step.py`). A linear layer is a 1x1 convolution, so `linear` lays the rows
+out as a channels-last (16, K, rows/16, 1) map — a view, no copy, when the input is contiguous —
+and calls `F.conv2d`, whose forward and backward both run in oneDNN. The result equals `F.linear`
+up to float summation order; gradients flow through the convolution's own autograd.
+
+Used only where it pays: fp32 on CPU, outside autocast (bf16 GEMMs already run in oneDNN) and
+outside `torch.compile` (inductor picks its own kernels), at least `MIN_ROWS` rows (below that
+oneDNN's setup costs more than it saves), and when the backend resolves to oneDNN: `auto` (the
+default) means oneDNN when torch's BLAS is MKL on an AMD CPU; the environment variable
+``UNCLIP_CPU_LINEAR=onednn|blas|auto`` or :func:`set_cpu_linear_backend` overrides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("auto", "onednn", "blas")
+MIN_ROWS = 64  # fwd+bwd (rows, 512) x (512, 512): 1.1x at 64 rows, 1.6x at 128, 2.2x at 5184
+ROW_GROUPS = 16  # oneDNN is chosen for 1x1 convolutions with a batch of at least 16 (torch's heuristic)
+_override: Optional[str] = None
+
+
+def set_cpu_linear_backend(backend: Optional[str]) -> None:
+    """Force ``"onednn"`` or ``"blas"`` for fp32 CPU linear layers; ``None`` / ``"auto"`` restores
+    the default (environment variable, then CPU vendor)."""
+    global _override
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"cpu linear backend must be one of {BACKENDS}, got {backend!r}")
+    _override = None if backend in (None, "auto") else backend
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_linear_backend() -> str:
+    """The backend fp32 CPU linear layers use now: ``"onednn"`` or ``"blas"``."""
+    choice = _override or os.environ.get("UNCLIP_CPU_LINEAR", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"UNCLIP_CPU_LINEAR must be one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        mkl_on_amd = torch.backends.mkl.is_available() and _cpu_vendor() == "AuthenticAMD"
+        choice = "onednn" if mkl_on_amd else "blas"
+    if choice == "onednn" and not torch.backends.mkldnn.is_available():
+        return "blas"
+    return choice
+
+
+def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() >= 2
+        and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.enabled
+        and cpu_linear_backend() == "onednn"
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K) -> (..., N); oneDNN where it pays."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, k)  # (M, K)
+    m = rows.shape[0]
+    pad = -m % ROW_GROUPS
+    if pad:
+        rows = F.pad(rows, (0, 0, 0, pad))  # (M', K), M' a multiple of 16
+    fmap = rows.view(ROW_GROUPS, -1, 1, k).permute(0, 3, 1, 2)  # (16, K, M'/16, 1), channels-last view
+    out = F.conv2d(fmap, weight[:, :, None, None], bias)  # (16, N, M'/16, 1), channels-last
+    out = out.permute(0, 2, 3, 1).reshape(-1, n)  # (M', N)
+    return out[:m].view(*x.shape[:-1], n)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict keys) whose forward is :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class Conv1x1(nn.Conv2d):
+    """1x1 `nn.Conv2d` (same parameters and state-dict keys) that runs as :func:`linear` over the
+    pixels of a channels-last input. torch sends 1x1 convolutions with a batch below 16 to its
+    BLAS fallback, so a U-Net's channel-changing skip convolutions at batch 8 would miss oneDNN.
+    NCHW inputs take the plain convolution (the pixel-major copy costs more than it saves)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C_in), a view
+        if not (pixels.is_contiguous() and _use_onednn(pixels, self.weight)):
+            return super().forward(x)
+        return linear(pixels, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)  # channels-last

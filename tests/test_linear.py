@@ -1,0 +1,135 @@
+"""The oneDNN-routed `Linear` / `Conv1x1` (modules/networks/linear.py): same values, same gradients,
+same parameters as torch's layers, and the oneDNN path is really the one taken when selected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.networks import linear as lin
+from modules.networks.linear import Conv1x1, Linear, cpu_linear_backend, set_cpu_linear_backend
+from modules.networks.unet import UNet, UNetConfig
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def backend():
+    """Select a backend for one test; restore the default afterwards."""
+    yield set_cpu_linear_backend
+    set_cpu_linear_backend(None)
+
+
+def ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(4, 32, 48), (5, 37, 48), (70, 48), (3, 2, 41, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_values_and_gradients(backend, shape, bias):
+    """Row counts that are and are not multiples of 16 (padded), 2-D to 4-D inputs, with/without bias."""
+    backend("onednn")
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.linear(ref_x, layer.weight, layer.bias)
+    assert y.shape == (*shape[:-1], 80) and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+    got = torch.autograd.grad(y, [x, *params], grad)
+    want = torch.autograd.grad(ref, [ref_x, *params], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_backend_selection_takes_the_named_kernel(backend):
+    x, layer = torch.randn(256, 64), Linear(64, 64)
+    backend("onednn")
+    assert "aten::mkldnn_convolution" in ops_called(lambda: layer(x))
+    backend("blas")
+    assert "aten::mkldnn_convolution" not in ops_called(lambda: layer(x))
+    backend("onednn")  # too few rows, bf16 autocast: F.linear
+    assert "aten::mkldnn_convolution" not in ops_called(lambda: layer(x[: lin.MIN_ROWS - 1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_backend_names_are_checked(backend, monkeypatch):
+    with pytest.raises(ValueError, match="cpu linear backend"):
+        backend("cublas")
+    monkeypatch.setenv("UNCLIP_CPU_LINEAR", "mkl")
+    with pytest.raises(ValueError, match="UNCLIP_CPU_LINEAR"):
+        cpu_linear_backend()
+    monkeypatch.setenv("UNCLIP_CPU_LINEAR", "blas")
+    assert cpu_linear_backend() == "blas"
+
+
+def test_auto_backend_follows_the_cpu_vendor(backend, monkeypatch):
+    monkeypatch.delenv("UNCLIP_CPU_LINEAR", raising=False)
+    monkeypatch.setattr(lin, "_cpu_vendor", lambda: "GenuineIntel")
+    assert cpu_linear_backend() == "blas"
+    monkeypatch.setattr(lin, "_cpu_vendor", lambda: "AuthenticAMD")
+    expected = "onednn" if torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available() else "blas"
+    assert cpu_linear_backend() == expected
+
+
+def test_layers_keep_torch_parameters_and_state_dict_keys():
+    ours, theirs = Linear(8, 4), nn.Linear(8, 4)
+    assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    conv = Conv1x1(8, 4)
+    assert conv.weight.shape == (4, 8, 1, 1) and conv.state_dict().keys() == nn.Conv2d(8, 4, 1).state_dict().keys()
+
+
+@needs_onednn
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv1x1_matches_conv2d(backend, channels_last):
+    backend("onednn")
+    torch.manual_seed(0)
+    conv = Conv1x1(12, 20)
+    x = torch.randn(3, 12, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, [x, conv.weight], g), torch.autograd.grad(ref, [x, conv.weight], g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_unet_is_the_same_function_in_either_layout_and_backend(backend):
+    """channels_last + oneDNN linear layers vs NCHW + BLAS: same weights, same output and gradients."""
+    torch.manual_seed(0)
+    cfg = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=(1, 2), attention_resolutions=(8,),
+               num_head_channels=16, image_embed_dim=32)
+    ref = UNet(UNetConfig(**cfg))
+    fast = UNet(UNetConfig(**cfg, channels_last=True))
+    fast.load_state_dict(ref.state_dict())
+    for p in fast.parameters():  # zero-initialised output layers would hide most of the network
+        p.data.add_(0.02 * torch.randn_like(p))
+    ref.load_state_dict(fast.state_dict())
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, emb = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 500, 999]), F.normalize(torch.randn(4, 32), dim=-1)
+    backend("blas")
+    out_ref = ref(x, t, image_embed=emb)
+    out_ref.square().mean().backward()
+    backend("onednn")
+    out = fast(x, t, image_embed=emb)
+    out.square().mean().backward()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
