@@ -98,7 +98,7 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
     if args.match_params:
         channels, _ = match_model_channels(args.match_params, args.tiny, layout=args.layout)
     unet = our_unet_config(channels, args.tiny, args.layout, use_checkpoint=args.checkpoint,
-                           channels_last=args.channels_last)
+                           channels_last=args.channels_last, recompute_norms=args.recompute_norms)
     module = DecoderModule(unet=unet, clip_model="ViT-B-32", condition_on_text=False).to(device)
     harness.maybe_compile(module.unet, args.compile)
     g = torch.Generator().manual_seed(args.seed)
@@ -166,6 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=list(LAYOUTS), default="paper", help="ours: U-Net layout (not with --tiny)")
     parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing, both sides")
+    parser.add_argument("--recompute-norms", action="store_true",
+                        help="ours: recompute GroupNorm+SiLU in backward instead of storing (memory for time)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                         help="NHWC weights and activations, both sides")
     parser.add_argument("--sample-batch", type=int, default=4, help="images per sampling run")

@@ -77,6 +77,11 @@ def default_jobs(dtypes: list[str], tiny: bool) -> list[Job]:
     if "fp32" in dtypes:
         jobs.append(Job("decoder_train/fp32/efficient", "benchmarks.bench_decoder", ["--dtype", "fp32", "--layout", "efficient", *DECODER_ARGS],
                         "decoder", "fp32", theirs_from="decoder_train/fp32"))
+    # The same, GroupNorm+SiLU recomputed in backward: training memory bought with time.
+    if "fp32" in dtypes:
+        jobs.append(Job("decoder_train/fp32/efficient/recompute", "benchmarks.bench_decoder",
+                        ["--dtype", "fp32", "--layout", "efficient", "--recompute-norms", *DECODER_ARGS],
+                        "decoder", "fp32", theirs_from="decoder_train/fp32"))
     jobs.append(Job("decoder_sample/fp32", "benchmarks.bench_sampling", ["--model", "decoder", *DECODER_ARGS], "decoder"))
     jobs.append(Job("decoder_sample/fp32/efficient", "benchmarks.bench_sampling",
                     ["--model", "decoder", "--layout", "efficient", *DECODER_ARGS],

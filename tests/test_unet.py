@@ -151,11 +151,12 @@ def test_masked_caption_tokens_do_not_matter():
     torch.testing.assert_close(empty[0], dropped[0], rtol=0, atol=1e-6)
 
 
-def test_gradient_checkpointing_matches():
+@pytest.mark.parametrize("memory_option", ["use_checkpoint", "recompute_norms"])
+def test_gradient_checkpointing_matches(memory_option: str):
     kw = inputs()
     outs, grads = [], []
-    for use_checkpoint in (False, True):
-        model = build(tiny_config(use_checkpoint=use_checkpoint, dropout=0.1)).train()
+    for enabled in (False, True):
+        model = build(tiny_config(**{memory_option: enabled}, dropout=0.1)).train()
         torch.manual_seed(123)  # same dropout masks; checkpoint replays the RNG state
         out = run(model, kw, drop_image=torch.tensor([True, False]))
         out.square().mean().backward()
@@ -165,6 +166,26 @@ def test_gradient_checkpointing_matches():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def saved_bytes(model: nn.Module, kw: dict) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(model, kw)
+    return sum(storages.values())
+
+
+def test_recompute_norms_keeps_fewer_activations():
+    kw = inputs(B=4)
+    stored = saved_bytes(build(tiny_config()).train(), kw)
+    recomputed = saved_bytes(build(tiny_config(recompute_norms=True)).train(), kw)
+    assert recomputed < 0.85 * stored, (recomputed, stored)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

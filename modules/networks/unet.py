@@ -58,6 +58,7 @@ class UNetConfig:
     resblock_updown: bool = False
     num_groups: int = 32
     channels_last: bool = False  # NHWC weights and activations (oneDNN's native layout on CPU)
+    recompute_norms: bool = False  # recompute GroupNorm(+modulation)+SiLU in backward instead of storing
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -213,7 +214,8 @@ class UNet(nn.Module):
     def _res(self, ch: int, out: int, resample: Resample = Resample.NONE) -> ResBlock:
         c = self.config
         return ResBlock(
-            ch, out, c.time_embed_dim, dropout=c.dropout, num_groups=c.num_groups, resample=resample
+            ch, out, c.time_embed_dim, dropout=c.dropout, num_groups=c.num_groups, resample=resample,
+            recompute_norms=c.recompute_norms,
         )
 
     def _attn(self, ch: int) -> AttentionBlock:

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from modules.networks.linear import Conv1x1, Linear
 
@@ -74,6 +75,26 @@ def _resample(x: Tensor, mode: Resample) -> Tensor:
     return x
 
 
+def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
+    """SiLU(GroupNorm(x))."""
+    return F.silu(norm(x))
+
+
+def norm_modulate_silu(norm: nn.Module, h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """SiLU(GroupNorm(h)·(1 + s) + b): ADM's adaptive group norm (§3) and the activation after it."""
+    return F.silu(torch.addcmul(shift, norm(h), 1.0 + scale))
+
+
+def recomputed(fn, enabled: bool, *args):  # noqa: ANN001, ANN201
+    """``fn(*args)``; with ``enabled`` (and autograd on) its intermediates are not kept for backward
+    but recomputed there: only the inputs and the output stay, which for a norm + activation drops
+    the normalised map (one activation-sized tensor per call) for a re-run of two cheap
+    elementwise kernels."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class ResBlock(nn.Module):
     """Residual block with adaptive group norm (ADM §3): GroupNorm(h)·(1 + s) + b, where
     (s, b) = Linear(emb).
@@ -91,9 +112,10 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 32,
         resample: Resample = Resample.NONE,
+        recompute_norms: bool = False,
     ) -> None:
         super().__init__()
-        self.resample = resample
+        self.resample, self.recompute_norms = resample, recompute_norms
         self.in_norm = group_norm(channels, num_groups)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.emb_proj = Linear(emb_dim, 2 * out_channels)  # -> (scale, shift)
@@ -106,12 +128,12 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
-        h = F.silu(self.in_norm(x))  # (B, C, H, W)
+        h = recomputed(norm_silu, self.recompute_norms, self.in_norm, x)  # (B, C, H, W)
         h = self.in_conv(_resample(h, self.resample))  # (B, C_out, H', W')
         x = _resample(x, self.resample)
         scale, shift = self.emb_proj(cond.emb)[..., None, None].chunk(2, dim=1)  # (B, C_out, 1, 1)
-        h = torch.addcmul(shift, self.out_norm(h), 1.0 + scale)
-        h = self.out_conv(self.dropout(F.silu(h)))
+        h = recomputed(norm_modulate_silu, self.recompute_norms, self.out_norm, h, scale, shift)
+        h = self.out_conv(self.dropout(h))
         return self.skip(x) + h
 
 
