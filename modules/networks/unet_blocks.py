@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ def norm_modulate_silu(norm: nn.Module, h: Tensor, scale: Tensor, shift: Tensor)
     return F.silu(torch.addcmul(shift, norm(h), 1.0 + scale))
 
 
-def recomputed(fn, enabled: bool, *args):  # noqa: ANN001, ANN201
+def recomputed(fn: Callable[..., Tensor], enabled: bool, *args: Any) -> Tensor:
     """``fn(*args)``; with ``enabled`` (and autograd on) its intermediates are not kept for backward
     but recomputed there: only the inputs and the output stay, which for a norm + activation drops
     the normalised map (one activation-sized tensor per call) for a re-run of two cheap
@@ -100,7 +100,8 @@ class ResBlock(nn.Module):
     (s, b) = Linear(emb).
 
     ``resample`` makes it a BigGAN-style up/down-sampling block (``resblock_updown``). The last
-    conv is zero-initialised so the block starts as its skip connection.
+    conv is zero-initialised so the block starts as its skip connection. ``recompute_norms``
+    recomputes both norm + SiLU steps in backward instead of keeping their outputs (less memory).
     """
 
     def __init__(
