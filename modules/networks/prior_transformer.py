@@ -20,6 +20,8 @@ for every position but everything else for the query alone (~1/depth of the work
 positions come first under a causal mask, so their keys/values never depend on x_t or t: without
 gradients (sampling) they are computed once and reused while the captions, drop mask and weights
 stay the same (checked by value each call), so a sampling step runs the 4 trailing positions only.
+Being all GEMMs, it also gains most from running its linear layers in oneDNN on CPUs where MKL's
+sgemm is slow (`modules/networks/linear.py`: 1.8x per training step on the AMD EPYC measured).
 """
 
 from __future__ import annotations
