@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import bench_decoder, bench_prior, harness

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modules.networks.attention import attention
 from modules.networks.linear import Linear, linear
 from modules.networks.unet_blocks import timestep_embedding
 
@@ -79,7 +79,7 @@ KeysValues = tuple[Tensor, Tensor]  # (k, v), each (B, H, P, Dh)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+    """Multi-head self-attention through SDPA (`modules/networks/attention.py`).
 
     ``past``: keys/values of earlier positions, prepended to this input's (the mask then covers
     P + N keys). ``queries``: compute outputs for the last ``queries`` positions only (their
@@ -112,7 +112,7 @@ class SelfAttention(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, Dh)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Q, Dh)
+        y = attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Q, Dh)
         return self.proj(y.transpose(1, 2).reshape(b, -1, w))
 
 

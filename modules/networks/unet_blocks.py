@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modules.networks.attention import attention
 from modules.networks.linear import Conv1x1, Linear
 
 
@@ -178,7 +179,7 @@ class AttentionBlock(nn.Module):
             v = torch.cat([cv, v], dim=2)
             if cond.context_mask is not None:
                 mask = F.pad(cond.context_mask, (0, T), value=True)[:, None, None, :]  # (B,1,1,S+T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, d)
+        out = attention(q, k, v, attn_mask=mask)  # (B, nh, T, d)
         out = self.proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         out = out.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
         return x + out.contiguous(memory_format=memory_format_of(x))

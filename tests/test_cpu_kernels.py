@@ -1,5 +1,6 @@
-"""The oneDNN-routed `Linear` / `Conv1x1` (modules/networks/linear.py): same values, same gradients,
-same parameters as torch's layers, and the oneDNN path is really the one taken when selected."""
+"""The CPU kernel choices. The oneDNN-routed `Linear` / `Conv1x1` (modules/networks/linear.py): same
+values, same gradients, same parameters as torch's layers, and the oneDNN path is really the one taken
+when selected. `attention` (modules/networks/attention.py): short bf16 sequences computed in fp32."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.networks import attention as attn
 from modules.networks import linear as lin
 from modules.networks.linear import Conv1x1, Linear, cpu_linear_backend, set_cpu_linear_backend
 from modules.networks.unet import UNet, UNetConfig
@@ -133,3 +135,21 @@ def test_unet_is_the_same_function_in_either_layout_and_backend(backend):
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("keys", [40, attn.FP32_MAX_KEYS + 8])
+def test_attention_runs_short_bf16_sequences_in_fp32(keys: int):
+    """Up to FP32_MAX_KEYS keys a bf16 call is exactly the fp32 computation cast back; beyond, torch's
+    bf16 kernel. Either way: q's dtype out, gradients flow, and it stays close to fp32 attention."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16().requires_grad_(True) for n in (keys, keys, keys))
+    mask = torch.ones(keys, keys, dtype=torch.bool).tril()[None, None]
+    out = attn.attention(q, k, v, attn_mask=mask)
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    expected = fp32.bfloat16() if keys <= attn.FP32_MAX_KEYS else bf16
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
