@@ -64,24 +64,23 @@ def default_jobs(dtypes: list[str], tiny: bool) -> list[Job]:
     for dtype in dtypes:
         jobs.append(Job(f"decoder_train/{dtype}", "benchmarks.bench_decoder", ["--dtype", dtype, *DECODER_ARGS], "decoder", dtype))
         jobs.append(Job(f"prior_train/{dtype}", "benchmarks.bench_prior", ["--dtype", dtype], "prior", dtype))
-    # Captions of 20 real tokens in the 77-token context: we trim the padding, the peer pads every
-    # caption to 256 positions whatever its length, so it shares the peer's prior_train/fp32 runs.
+    # fp32 variants of one side; each reuses the peer's runs of the row named last (its cost does not change).
     if "fp32" in dtypes:
-        jobs.append(Job("prior_train/fp32/20tok", "benchmarks.bench_prior", ["--dtype", "fp32", "--caption-tokens", "20"],
-                        "prior", "fp32", theirs_from="prior_train/fp32"))
-    # The same, our linear layers on MKL's sgemm instead of oneDNN (what the oneDNN routing is worth).
-    if "fp32" in dtypes:
-        jobs.append(Job("prior_train/fp32/mkl", "benchmarks.bench_prior", ["--dtype", "fp32", "--cpu-linear", "blas"],
-                        "prior", "fp32", theirs_from="prior_train/fp32"))
-    # Our U-Net in Imagen's Efficient U-Net layout at the same parameter count; the peer is unchanged.
-    if "fp32" in dtypes:
-        jobs.append(Job("decoder_train/fp32/efficient", "benchmarks.bench_decoder", ["--dtype", "fp32", "--layout", "efficient", *DECODER_ARGS],
-                        "decoder", "fp32", theirs_from="decoder_train/fp32"))
-    # The same, GroupNorm+SiLU recomputed in backward: training memory bought with time.
-    if "fp32" in dtypes:
-        jobs.append(Job("decoder_train/fp32/efficient/recompute", "benchmarks.bench_decoder",
-                        ["--dtype", "fp32", "--layout", "efficient", "--recompute-norms", *DECODER_ARGS],
-                        "decoder", "fp32", theirs_from="decoder_train/fp32"))
+        variants = [
+            # Captions of 20 real tokens in the 77-token context: we trim the padding, the peer pads
+            # every caption to 256 positions whatever its length.
+            ("prior_train/fp32/20tok", "benchmarks.bench_prior", ["--caption-tokens", "20"], "prior", "prior_train/fp32"),
+            # Our linear layers on MKL's sgemm instead of oneDNN (what the oneDNN routing is worth).
+            ("prior_train/fp32/mkl", "benchmarks.bench_prior", ["--cpu-linear", "blas"], "prior", "prior_train/fp32"),
+            # Our U-Net in Imagen's Efficient U-Net layout at the same parameter count.
+            ("decoder_train/fp32/efficient", "benchmarks.bench_decoder", ["--layout", "efficient", *DECODER_ARGS],
+             "decoder", "decoder_train/fp32"),
+            # The same, GroupNorm+SiLU recomputed in backward: training memory bought with time.
+            ("decoder_train/fp32/efficient/recompute", "benchmarks.bench_decoder",
+             ["--layout", "efficient", "--recompute-norms", *DECODER_ARGS], "decoder", "decoder_train/fp32"),
+        ]
+        jobs += [Job(name, module, ["--dtype", "fp32", *args], match, "fp32", theirs_from=peer_runs)
+                 for name, module, args, match, peer_runs in variants]
     jobs.append(Job("decoder_sample/fp32", "benchmarks.bench_sampling", ["--model", "decoder", *DECODER_ARGS], "decoder"))
     jobs.append(Job("decoder_sample/fp32/efficient", "benchmarks.bench_sampling",
                     ["--model", "decoder", "--layout", "efficient", *DECODER_ARGS],

@@ -4,8 +4,9 @@ shapes shards -> CLIP -> embedding export -> diffusion prior -> decoder -> upsam
 pipeline directory -> generated grid + compositional accuracy (with and without the prior) ->
 evaluation report -> variation / interpolation / text-diff grids (paper §3). Each training stage
 is `unclip fit --config experiments/<stage>/tiny.yaml --config experiments/demo/<stage>.yaml` (the
-demo overlay sets budgets and paths) in its own process. A finished stage leaves `<out>/<stage>/DONE` and is skipped on the next run (`--force`
-redoes everything). Per-stage wall times go to `<out>/timings.json`.
+demo overlay sets budgets and paths) in its own process. A finished stage leaves
+`<out>/<stage>/DONE` and is skipped on the next run (`--force` redoes everything). Per-stage wall
+times go to `<out>/timings.json`.
 """
 
 from __future__ import annotations
