@@ -31,8 +31,10 @@ LAYOUTS = {
     # the paper's (DESIGN.md: ADM mults 1,2,3,4, attention at 32/16/8 px, 64 channels per head), 2 res blocks
     "paper": dict(channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(32, 16, 8), num_head_channels=64),
     # Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1) on the peer's mults: res blocks moved to the
-    # low resolutions (1, 2, 2, 4), attention at 16/8 px only. The same parameters cost fewer FLOPs.
-    "efficient": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 4), attention_resolutions=(16, 8), num_head_channels=64),
+    # low resolutions (1, 2, 2, 4), attention at 16/8 px only, up-convs before the upsampling. The same
+    # parameters cost fewer FLOPs.
+    "efficient": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 4), attention_resolutions=(16, 8), num_head_channels=64,
+                      conv_before_upsample=True),
 }
 TINY_LAYOUT = dict(channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_head_channels=16)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.networks.unet import UNet, UNetConfig
-from modules.networks.unet_blocks import AttentionBlock, Conditioning, Resample, ResBlock, timestep_embedding
+from modules.networks.unet_blocks import AttentionBlock, Conditioning, Resample, ResBlock, Upsample, timestep_embedding
 
 IMG_DIM, TXT_DIM, L = 12, 10, 5
 
@@ -98,6 +98,33 @@ def test_per_level_res_blocks():
     assert build(same[0]).num_parameters() == build(same[1]).num_parameters()
     with pytest.raises(ValueError, match="num_res_blocks: 2 counts for 3 levels"):
         tiny_config(channel_mult=(1, 2, 2), num_res_blocks=(1, 2))
+
+
+def test_conv_before_upsample():
+    """Imagen's order (Efficient U-Net): the up-conv runs at the low resolution and then the map is
+    repeated, so the output is constant on 2x2 blocks and costs a quarter of the conv FLOPs; the
+    parameters and state-dict keys are those of the ADM order."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    adm, imagen = Upsample(8), Upsample(8, conv_first=True)
+    imagen.load_state_dict(adm.state_dict())
+    x, cond = torch.randn(2, 8, 6, 6), Conditioning(torch.zeros(2, 4))
+    y = imagen(x, cond)
+    torch.testing.assert_close(y, F.interpolate(adm.conv(x), scale_factor=2.0, mode="nearest"))
+    assert (y[..., ::2, ::2] == y[..., 1::2, 1::2]).all()
+    flops = []
+    for block in (adm, imagen):
+        with FlopCounterMode(display=False) as counter:
+            block(x, cond)
+        flops.append(counter.get_total_flops())
+    assert flops[1] * 4 == flops[0]
+    base, swapped = build(tiny_config()), build(tiny_config(conv_before_upsample=True))
+    assert swapped.state_dict().keys() == base.state_dict().keys()
+    assert swapped.num_parameters() == base.num_parameters()
+    with torch.no_grad():
+        assert run(swapped, inputs()).shape == (2, 3, 32, 32)
+        assert not torch.allclose(run(swapped, inputs()), run(base, inputs()))
 
 
 def test_output_depends_on_conditioning():

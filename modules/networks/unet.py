@@ -59,6 +59,7 @@ class UNetConfig:
     num_groups: int = 32
     channels_last: bool = False  # NHWC weights and activations (oneDNN's native layout on CPU)
     recompute_norms: bool = False  # recompute GroupNorm(+modulation)+SiLU in backward instead of storing
+    conv_before_upsample: bool = False  # Imagen's Efficient U-Net order: the up-conv at the low resolution
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -257,7 +258,7 @@ class UNet(nn.Module):
                 if c.image_size // ds in c.attention_resolutions:
                     layers.append(self._attn(ch))
                 if level and i == n_blocks:
-                    up = self._res(ch, ch, Resample.UP) if c.resblock_updown else Upsample(ch)
+                    up = self._res(ch, ch, Resample.UP) if c.resblock_updown else Upsample(ch, c.conv_before_upsample)
                     layers.append(up)
                     ds //= 2
                 blocks.append(CondSequential(*layers))

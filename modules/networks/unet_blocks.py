@@ -197,13 +197,20 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 convolution."""
+    """Nearest-neighbour x2 then 3x3 convolution (ADM).
 
-    def __init__(self, channels: int) -> None:
+    ``conv_first`` swaps the two, as Imagen's Efficient U-Net does (Saharia et al. 2022, App. B.1):
+    the same convolution runs at the low resolution, a quarter of the FLOPs, same parameters.
+    """
+
+    def __init__(self, channels: int, conv_first: bool = False) -> None:
         super().__init__()
+        self.conv_first = conv_first
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        if self.conv_first:
+            return F.interpolate(self.conv(x), scale_factor=2.0, mode="nearest")
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
