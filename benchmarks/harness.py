@@ -226,9 +226,15 @@ def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _onednn_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode passes shapes: x (M, K), weight (N, K)."""
+    return 2 * x_shape.numel() * weight_shape[0]
+
+
 def flop_counter() -> Any:
-    """torch's FlopCounterMode plus the CPU flash-attention kernels it does not know (torch 2.13
-    counts SDPA only through its CUDA kernels, so CPU attention would count as zero)."""
+    """torch's FlopCounterMode plus the CPU kernels it does not know: the flash-attention kernels
+    (torch 2.13 counts SDPA only through its CUDA kernels, so CPU attention would count as zero) and
+    oneDNN's fused linear, which `modules.networks.linear` runs under bf16 autocast."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
@@ -236,6 +242,8 @@ def flop_counter() -> Any:
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
     }
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

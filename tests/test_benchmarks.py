@@ -64,6 +64,17 @@ def test_prior_mlp_is_matched_to_a_parameter_count():
     assert (config.width, config.depth, config.heads) == (512, 6, 8)  # the peer's README prior
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="no oneDNN fused linear")
+def test_flop_counter_counts_the_bf16_linear():
+    """Under bf16 autocast our Linear's forward is oneDNN's fused linear: 2·M·N·K, backward 4·M·N·K."""
+    from modules.networks.linear import Linear
+
+    layer, x = Linear(48, 80), torch.randn(3, 70, 48, requires_grad=True)
+    with harness.flop_counter() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert counter.get_total_flops() == 6 * 210 * 48 * 80
+
+
 def test_flop_counter_counts_cpu_flash_attention():
     q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 7, 7))
     with harness.flop_counter() as counter:

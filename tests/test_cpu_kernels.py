@@ -1,6 +1,6 @@
 """The CPU kernel choices. The oneDNN-routed `Linear` / `Conv1x1` (modules/networks/linear.py): same
 values, same gradients, same parameters as torch's layers, and the oneDNN path is really the one taken
-when selected. `attention` (modules/networks/attention.py): short bf16 sequences computed in fp32."""
+when selected. `attention` (modules/networks/attention.py): short bf16 sequences by bf16 batched GEMMs."""
 
 from __future__ import annotations
 
@@ -50,6 +50,28 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(backend, shape, bia
     want = torch.autograd.grad(ref, [ref_x, *params], grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not lin._has_linear_pointwise(), reason="no oneDNN fused linear in this torch")
+@pytest.mark.parametrize("in_out", [(48, 80), (96, 40)])  # weight gradient in either orientation
+@pytest.mark.parametrize("shape", [(70,), (3, 41)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_autocast_linear_is_autocasts_f_linear_bit_for_bit(in_out, shape, bias):
+    """Under CPU bf16 autocast `Linear` runs its own autograd function (fused bias, faster weight
+    gradient) and gives exactly autocast's `F.linear`: output, input / weight / bias gradients."""
+    k, n = in_out
+    torch.manual_seed(0)
+    layer = Linear(k, n, bias=bias)
+    x = torch.randn(*shape, k, requires_grad=True)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert "AutocastBf16Linear" in type(y.grad_fn).__name__
+    assert y.dtype == ref.dtype == torch.bfloat16 and torch.equal(y, ref)
+    grad = torch.randn_like(ref)
+    got, want = (torch.autograd.grad(out, [x, *params], grad) for out in (y, ref))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32 and torch.equal(g, w)
 
 
 @needs_onednn
@@ -137,19 +159,37 @@ def test_unet_is_the_same_function_in_either_layout_and_backend(backend):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("keys", [40, attn.FP32_MAX_KEYS + 8])
-def test_attention_runs_short_bf16_sequences_in_fp32(keys: int):
-    """Up to FP32_MAX_KEYS keys a bf16 call is exactly the fp32 computation cast back; beyond, torch's
-    bf16 kernel. Either way: q's dtype out, gradients flow, and it stays close to fp32 attention."""
+@pytest.mark.parametrize("keys", [40, attn.BMM_MAX_KEYS + 8])
+def test_attention_runs_short_bf16_sequences_by_bmm(keys: int):
+    """Up to BMM_MAX_KEYS keys a bf16 call is the math formulation in bf16 GEMMs (softmax in fp32);
+    beyond, torch's bf16 kernel. Either way: q's dtype out, gradients close to fp32 attention's."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16().requires_grad_(True) for n in (keys, keys, keys))
     mask = torch.ones(keys, keys, dtype=torch.bool).tril()[None, None]
     out = attn.attention(q, k, v, attn_mask=mask)
-    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-    bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    fp32 = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask)
     assert out.dtype == torch.bfloat16
-    expected = fp32.bfloat16() if keys <= attn.FP32_MAX_KEYS else bf16
-    assert torch.equal(out, expected)
+    if keys > attn.BMM_MAX_KEYS:
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
     out.float().square().sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    fp32.square().sum().backward()
+    for t, t32 in zip((q, k, v), (q32, k32, v32)):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+        torch.testing.assert_close(t.grad.float(), t32.grad, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_bmm_path_matches_sdpa_in_fp32(with_mask: bool):
+    """The bf16 path's formulation (bool or additive mask, no mask) is SDPA's: checked in fp64."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3 if with_mask else None
+    if mask is not None:
+        mask[..., 0] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attn._attention_bmm(q, k, v, mask, 0.0), expected)
+    if mask is not None:
+        additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(attn._attention_bmm(q, k, v, additive, 0.0), expected)
