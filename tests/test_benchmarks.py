@@ -126,3 +126,22 @@ def test_default_jobs_alternate_and_cover_the_issue():
     assert all("--dtype" in j.args for j in jobs if "train" in j.name)
     env = run_all.child_env(3)
     assert env["MALLOC_MMAP_MAX_"] == "0" and env["OMP_NUM_THREADS"] == "3"
+
+
+def test_dispatch_timer_counts_each_operator_per_step():
+    """profile_step --timer dispatch: every aten call is timed and counted, per step."""
+    from benchmarks import profile_step
+
+    a, w = torch.randn(64, 64), torch.randn(8, 3, 3, 3)
+    x = torch.randn(1, 3, 16, 16)
+
+    def step() -> None:
+        a @ a
+        a @ a
+        F.conv2d(x, w)
+
+    times = profile_step.dispatch_times(step, steps=3)
+    assert times["aten::mm"][1] == 2 and times["aten::convolution"][1] == 1
+    assert all(t >= 0 for t, _ in times.values()) and times["aten::mm"][0] > 0
+    assert profile_step.group_of("aten::mm") == "gemm (BLAS)"
+    assert profile_step.group_of("aten::convolution") == profile_step.group_of("aten::convolution_backward") == "convolution (oneDNN)"
