@@ -125,6 +125,8 @@ def test_conv_before_upsample():
     with torch.no_grad():
         assert run(swapped, inputs()).shape == (2, 3, 32, 32)
         assert not torch.allclose(run(swapped, inputs()), run(base, inputs()))
+    with pytest.raises(ValueError, match="conv_before_upsample"):
+        tiny_config(conv_before_upsample=True, resblock_updown=True)
 
 
 def test_output_depends_on_conditioning():

@@ -59,9 +59,11 @@ class UNetConfig:
     num_groups: int = 32
     channels_last: bool = False  # NHWC weights and activations (oneDNN's native layout on CPU)
     recompute_norms: bool = False  # recompute GroupNorm(+modulation)+SiLU in backward instead of storing
-    conv_before_upsample: bool = False  # Imagen's Efficient U-Net order: the up-conv at the low resolution
+    conv_before_upsample: bool = False  # Imagen's Efficient U-Net order: up-convs at the low resolution
 
     def __post_init__(self) -> None:
+        if self.conv_before_upsample and self.resblock_updown:
+            raise ValueError("conv_before_upsample reorders the Upsample block; resblock_updown has none")
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
         if not isinstance(self.num_res_blocks, int):
