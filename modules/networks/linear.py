@@ -72,16 +72,23 @@ def cpu_linear_backend() -> str:
     return choice
 
 
-def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+def _eager_cpu_rows(x: Tensor) -> bool:
+    """Where either oneDNN route may apply: rows of a CPU tensor, eager mode, oneDNN switched on."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and x.dim() >= 2
-        and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS
-        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.enabled
+    )
+
+
+def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
+        _eager_cpu_rows(x)
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS
+        and not torch.is_autocast_enabled("cpu")
         and cpu_linear_backend() == "onednn"
     )
 
@@ -106,12 +113,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 def _autocast_bf16_cpu(x: Tensor) -> bool:
     return (
-        x.device.type == "cpu"
-        and x.dim() >= 2
+        _eager_cpu_rows(x)
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.enabled
         and _has_linear_pointwise()
     )
 
