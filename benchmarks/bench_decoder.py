@@ -104,7 +104,7 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
     module = DecoderModule(unet=unet, clip_model="ViT-B-32", condition_on_text=False).to(device)
     harness.maybe_compile(module.unet, args.compile)
     g = torch.Generator().manual_seed(args.seed)
-    B = sz.batch
+    B = args.batch or sz.batch
     batch = {
         "image": torch.rand(B, 3, sz.image_size, sz.image_size, generator=g).mul(2).sub(1).to(device),
         "image_embed": unit_embeds(B, args.seed, device),
@@ -140,7 +140,7 @@ def build_theirs(args: argparse.Namespace, device: torch.device) -> Built:
         network.to(memory_format=torch.channels_last)
     harness.maybe_compile(network, args.compile)
     g = torch.Generator().manual_seed(args.seed)
-    B = sz.batch
+    B = args.batch or sz.batch
     images = torch.rand(B, 3, sz.image_size, sz.image_size, generator=g).to(device)  # [0, 1]: it normalises
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -172,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ours: recompute GroupNorm+SiLU in backward instead of storing (memory for time)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                         help="NHWC weights and activations, both sides")
+    parser.add_argument("--batch", type=int, default=None, help="train batch, both sides (default 8; 2 with --tiny)")
     parser.add_argument("--sample-batch", type=int, default=4, help="images per sampling run")
     parser.add_argument("--count-only", action="store_true", help="report the parameter count and exit")
     return parser
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     device, memory = harness.start(args)
     sz = sizes(args.tiny)
     harness.emit(harness.train_benchmark(args, build(args, device), device, memory, bench="decoder_train",
-                                         unit="images/s", batch=sz.batch, image_size=sz.image_size))
+                                         unit="images/s", batch=args.batch or sz.batch, image_size=sz.image_size))
 
 
 if __name__ == "__main__":

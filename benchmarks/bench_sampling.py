@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--caption-tokens", type=int, default=None, help="prior: real tokens per caption (default 77)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                         help="decoder: NHWC weights and activations, both sides")
-    parser.set_defaults(fused_adam=False, checkpoint=False, recompute_norms=False)
+    parser.set_defaults(fused_adam=False, checkpoint=False, recompute_norms=False, batch=None)
     return parser
 
 

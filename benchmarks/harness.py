@@ -56,7 +56,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", type=Precision, choices=list(Precision), default=Precision.FP32,
                         help="bf16: run the step under torch.autocast(bfloat16), on both sides alike")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network (both sides alike)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile the network, both sides alike (mode; reduce-overhead: CUDA graphs)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--steps", type=int, default=steps, help="timed steps")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
@@ -88,12 +90,12 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`torch.compile` in place (class, attributes and state-dict keys stay); no-op when disabled.
-    The first call must not run under a TorchDispatchMode such as FlopCounterMode: dynamo would
-    skip the frame for good and the module would silently run eagerly."""
-    if enabled:
-        module.compile()
+def maybe_compile(module: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+    """`torch.compile` in place (class, attributes and state-dict keys stay); no-op when `mode` is
+    None. The first call must not run under a TorchDispatchMode such as FlopCounterMode: dynamo
+    would skip the frame for good and the module would silently run eagerly."""
+    if mode:
+        module.compile(mode=None if mode == "default" else mode)
     return module
 
 

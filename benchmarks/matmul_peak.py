@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--n", type=int, default=2048, help="square matrix side")
+    parser.add_argument("--n", type=int, default=None, help="square matrix side (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="n = 256, 2 repeats (tests)")
     args = parser.parse_args(argv)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-    n, repeats = (256, 2) if args.tiny else (args.n, args.repeats)
+    n, repeats = (256, 2) if args.tiny else (args.n or (8192 if device.type == "cuda" else 2048), args.repeats)
     result = {"bench": "matmul_peak", "device": str(device), "threads": torch.get_num_threads(), **measure(device, n, repeats)}
     harness.emit(result)
 

@@ -99,15 +99,28 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {1e3 * t:9.2f} ms  {calls:5d} calls  {name}")
         print_shares({name: t for name, (t, _) in times.items()})
         return
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    if cuda:  # unprofiled step time first: the profiler's own overhead would hide launch-boundness
+        timing = harness.time_steps(built.train_step, steps=args.steps, warmup=0, device=device)
+        print(f"step: {1e3 * timing['wall_s']:.1f} ms wall, {1e3 * timing['cpu_s']:.1f} ms host CPU (unprofiled)")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(args.steps):
             built.train_step()
+        harness.synchronize(device)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     print(f"{known.model} / {args.side.value}: {built.params / 1e6:.2f} M params, "
           f"{total / 1e6 / args.steps:.3f} s self CPU per step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=known.rows))
     print_shares({e.key: e.self_cpu_time_total / 1e6 / args.steps for e in events})
+    if cuda:  # GPU busy time against the step's wall time: how launch-bound the step is
+        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events)
+        print(f"GPU kernel time {gpu / 1e3 / args.steps:.1f} ms per step (profiled)")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=known.rows))
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        print(f"dynamo: {dict(counters['stats'])}; graph breaks: {dict(counters['graph_break'])}")
 
 
 if __name__ == "__main__":

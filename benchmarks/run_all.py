@@ -59,35 +59,58 @@ class Job:
 DECODER_ARGS = ["--channels-last"]
 
 
-def default_jobs(dtypes: list[str], tiny: bool) -> list[Job]:
+# On CUDA the train steps are milliseconds: more of them are timed, and one row more measures the
+# decoder step at a batch that fills the GPU (model FLOPs utilisation; batch 8 at 64 px is launch-bound).
+CUDA_TRAIN_ARGS = ["--steps", "20", "--warmup", "5"]
+CUDA_SAMPLE_ARGS = ["--steps", "3"]
+CUDA_MFU_BATCH = 256
+
+
+def default_jobs(dtypes: list[str], tiny: bool, device: str = "cpu") -> list[Job]:
+    """The table's rows. Variants of one side (20-token captions, the efficient U-Net layout, ...)
+    run at fp32 on CPU and at bf16 on CUDA (the precision each device trains in), as does sampling."""
+    cuda = device.startswith("cuda")
+    variant = "bf16" if cuda and "bf16" in dtypes else "fp32"
+    train_extra = CUDA_TRAIN_ARGS if cuda else []
     jobs = []
     for dtype in dtypes:
         jobs.append(Job(f"decoder_train/{dtype}", "benchmarks.bench_decoder", ["--dtype", dtype, *DECODER_ARGS], "decoder", dtype))
         jobs.append(Job(f"prior_train/{dtype}", "benchmarks.bench_prior", ["--dtype", dtype], "prior", dtype))
-    # fp32 variants of one side; each reuses the peer's runs of the row named last (its cost does not change).
-    if "fp32" in dtypes:
+    # Variants of one side; each reuses the peer's runs of the row named last (its cost does not change).
+    if variant in dtypes:
         variants = [
             # Captions of 20 real tokens in the 77-token context: we trim the padding, the peer pads
             # every caption to 256 positions whatever its length.
-            ("prior_train/fp32/20tok", "benchmarks.bench_prior", ["--caption-tokens", "20"], "prior", "prior_train/fp32"),
-            # Our linear layers on MKL's sgemm instead of oneDNN (what the oneDNN routing is worth).
-            ("prior_train/fp32/mkl", "benchmarks.bench_prior", ["--cpu-linear", "blas"], "prior", "prior_train/fp32"),
+            ("20tok", "benchmarks.bench_prior", ["--caption-tokens", "20"], "prior", "prior_train"),
             # Our U-Net in Imagen's Efficient U-Net layout at the same parameter count.
-            ("decoder_train/fp32/efficient", "benchmarks.bench_decoder", ["--layout", "efficient", *DECODER_ARGS],
-             "decoder", "decoder_train/fp32"),
+            ("efficient", "benchmarks.bench_decoder", ["--layout", "efficient", *DECODER_ARGS], "decoder", "decoder_train"),
             # The same, GroupNorm+SiLU recomputed in backward: training memory bought with time.
-            ("decoder_train/fp32/efficient/recompute", "benchmarks.bench_decoder",
-             ["--layout", "efficient", "--recompute-norms", *DECODER_ARGS], "decoder", "decoder_train/fp32"),
+            ("efficient/recompute", "benchmarks.bench_decoder", ["--layout", "efficient", "--recompute-norms", *DECODER_ARGS],
+             "decoder", "decoder_train"),
         ]
-        jobs += [Job(name, module, ["--dtype", "fp32", *args], match, "fp32", theirs_from=peer_runs)
-                 for name, module, args, match, peer_runs in variants]
-    jobs.append(Job("decoder_sample/fp32", "benchmarks.bench_sampling", ["--model", "decoder", *DECODER_ARGS], "decoder"))
-    jobs.append(Job("decoder_sample/fp32/efficient", "benchmarks.bench_sampling",
-                    ["--model", "decoder", "--layout", "efficient", *DECODER_ARGS],
-                    "decoder", theirs_from="decoder_sample/fp32"))
-    jobs.append(Job("prior_sample/fp32", "benchmarks.bench_sampling", ["--model", "prior"], "prior"))
+        if not cuda:  # our linear layers on MKL's sgemm instead of oneDNN (what the oneDNN routing is worth)
+            variants.insert(1, ("mkl", "benchmarks.bench_prior", ["--cpu-linear", "blas"], "prior", "prior_train"))
+        jobs += [Job(f"{bench}/{variant}/{name}", module, ["--dtype", variant, *args], match, variant, theirs_from=f"{bench}/{variant}")
+                 for name, module, args, match, bench in variants]
+        if cuda:  # both sides again at a batch that fills the GPU
+            jobs.append(Job(f"decoder_train/{variant}/efficient/b{CUDA_MFU_BATCH}", "benchmarks.bench_decoder",
+                            ["--dtype", variant, "--layout", "efficient", "--batch", str(CUDA_MFU_BATCH), *DECODER_ARGS],
+                            "decoder", variant))
+    for job in jobs:
+        job.args += train_extra
+    sample_args = ["--dtype", variant, *(CUDA_SAMPLE_ARGS if cuda else [])]
+    jobs.append(Job(f"decoder_sample/{variant}", "benchmarks.bench_sampling", ["--model", "decoder", *DECODER_ARGS, *sample_args],
+                    "decoder", variant))
+    jobs.append(Job(f"decoder_sample/{variant}/efficient", "benchmarks.bench_sampling",
+                    ["--model", "decoder", "--layout", "efficient", *DECODER_ARGS, *sample_args],
+                    "decoder", variant, theirs_from=f"decoder_sample/{variant}"))
+    jobs.append(Job(f"prior_sample/{variant}", "benchmarks.bench_sampling", ["--model", "prior", *sample_args], "prior", variant))
     if tiny:
         for job in jobs:
+            for flag in ("--steps", "--warmup", "--batch"):  # tiny: one step of the tiny sizes
+                if flag in job.args:
+                    i = job.args.index(flag)
+                    del job.args[i:i + 2]
             job.args += ["--tiny", "--steps", "1", "--warmup", "1"] + (["--sample-steps", "3"] if "sample" in job.name else [])
             if "--caption-tokens" in job.args:
                 job.args[job.args.index("--caption-tokens") + 1] = "5"
@@ -139,7 +162,11 @@ def make_row(job: Job, peak: dict[str, Any] | None, theirs_runs: list[dict[str, 
     bench = ours["bench"]
     speed_target = SPEED_TARGETS.get(bench)
     memory_target = MEMORY_TARGET if bench.endswith("_train") else None
-    peak_flops = (peak or {}).get("peak", {}).get(job.dtype, {}).get("flops_cpu")
+    # On CPU achieved FLOP/s per CPU-second (robust to other processes); on CUDA per wall second,
+    # where a fraction of the matmul peak is the model FLOPs utilisation.
+    clock = "wall" if str(ours.get("device", "cpu")).startswith("cuda") else "cpu"
+    peak_flops = (peak or {}).get("peak", {}).get(job.dtype, {}).get(f"flops_{clock}")
+    achieved = "achieved_flops" if clock == "wall" else "achieved_flops_cpu"
     row = {
         "job": job.name, "bench": bench, "dtype": job.dtype, "unit": ours["unit"],
         "params_ours": ours["params"], "params_theirs": theirs["params"], "params_ratio": ratio(ours["params"], theirs["params"]),
@@ -149,8 +176,8 @@ def make_row(job: Job, peak: dict[str, Any] | None, theirs_runs: list[dict[str, 
         "cpu_s_ours": ours["cpu_s"], "cpu_s_theirs": theirs["cpu_s"], "wall_s_ours": ours["wall_s"], "wall_s_theirs": theirs["wall_s"],
         "mem_mb_ours": ours["mem_mb"], "mem_mb_theirs": theirs["mem_mb"], "memory_ratio": ratio(ours["mem_mb"], theirs["mem_mb"]),
         "flops_ours": ours.get("flops_per_step"), "flops_theirs": theirs.get("flops_per_step"),
-        "peak_fraction_ours": ratio(ours.get("achieved_flops_cpu"), peak_flops),
-        "peak_fraction_theirs": ratio(theirs.get("achieved_flops_cpu"), peak_flops),
+        "peak_fraction_ours": ratio(ours.get(achieved), peak_flops),
+        "peak_fraction_theirs": ratio(theirs.get(achieved), peak_flops),
         "speed_target": speed_target, "memory_target": memory_target,
     }
     row["speed_met"] = None if speed_target is None else row["speed_ratio"] >= speed_target
@@ -177,7 +204,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['unit']:<13} {r['speed_ratio']:>5.2f}x {_fmt(r['speed_ratio_cpu'], '.2f'):>5}x {target:>6} {mem:>7} "
             f"{r['mem_mb_ours']:>8.0f} {r['mem_mb_theirs']:>9.0f} {peak:>10}")
     lines.append("speed = throughput ours/theirs (wall; cpu = by process CPU time); target met '+', missed '!'; "
-                 "mem = peak memory ours/theirs; peak% = achieved FLOP/s (CPU time) / measured matmul peak")
+                 "mem = peak memory ours/theirs; peak% = achieved FLOP/s (CPU time; CUDA: wall time) / measured matmul peak")
     return "\n".join(lines)
 
 
@@ -195,7 +222,7 @@ def format_data(data: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     env = child_env(args.threads)
     common = ["--threads", str(args.threads), "--device", args.device] + (["--compile"] if args.compile else [])
-    jobs = default_jobs(args.dtype, args.tiny)
+    jobs = default_jobs(args.dtype, args.tiny, args.device)
     if args.only:
         jobs = [j for j in jobs if any(j.name.startswith(prefix) for prefix in args.only)]
     sides = {"ours": args.ours_python, "theirs": args.peer_python}
@@ -208,28 +235,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              env, args.timeout)["params"]
               for m, mod in (("decoder", "benchmarks.bench_decoder"), ("prior", "benchmarks.bench_prior"))}
     report["peer_params"] = counts
+    report["errors"] = []
     for rep in range(args.repeats):
         for i, job in enumerate(jobs):
             order = ["ours", "theirs"] if (rep + i) % 2 == 0 else ["theirs", "ours"]
             for side in order if job.theirs_from is None else ["ours"]:
                 extra = ["--match-params", str(counts[job.match])] if side == "ours" else []
                 log(f"[{rep + 1}/{args.repeats}] {job.name} {side} ...")
-                result = run_process(sides[side], job.module, ["--side", side, *common, *job.args, *extra], env, args.timeout)
+                try:
+                    result = run_process(sides[side], job.module, ["--side", side, *common, *job.args, *extra], env, args.timeout)
+                except (RuntimeError, ValueError, subprocess.TimeoutExpired) as err:  # one broken row loses no other
+                    report["errors"].append({"job": job.name, "side": side, "repeat": rep, "error": str(err)[-3000:]})
+                    log(f"    FAILED: {str(err)[-1500:]}")
+                    continue
                 result["repeat"] = rep
                 job.runs.append(result)
                 log(f"    {result['throughput']:.4g} {result['unit']}, {result['cpu_s']:.3f} s CPU/step, {result['mem_mb']:.0f} MB")
-    by_name = {job.name: job for job in jobs}
-    report["rows"] = [make_row(job, report["matmul_peak"], by_name[job.theirs_from].runs if job.theirs_from in by_name else None)
-                      for job in jobs if job.theirs_from is None or job.theirs_from in by_name]
+                report["rows"], report["runs"] = table_rows(jobs, report["matmul_peak"]), {j.name: j.runs for j in jobs}
+                save_report(report, args.out)  # a run cut short keeps what it measured
+    report["rows"] = table_rows(jobs, report["matmul_peak"])
     if not args.no_data:
-        decoder = next((j for j in jobs if j.name == "decoder_train/fp32"), None)
-        flops = [] if decoder is None else ["--decoder-flops", str(best(decoder.runs, "ours")["achieved_flops_cpu"])]
+        flops = data_consumer_args(jobs, report["matmul_peak"], args.device)
         log("data loader vs decoder consumption ...")
         report["data"] = run_process(args.ours_python, "benchmarks.bench_data",
                                      ["--threads", str(args.threads), *flops] + (["--tiny"] if args.tiny else []), env, args.timeout)
     report["load_after"] = load_average()
     report["runs"] = {job.name: job.runs for job in jobs}
     return report
+
+
+def table_rows(jobs: list[Job], peak: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row per job measured on both sides (a variant's peer side: the runs of the job it names)."""
+    by_name = {job.name: job for job in jobs}
+    rows = []
+    for job in jobs:
+        theirs = by_name[job.theirs_from].runs if job.theirs_from in by_name else None if job.theirs_from is None else []
+        peer_runs = job.runs if theirs is None else theirs
+        if any(r["side"] == "ours" for r in job.runs) and any(r["side"] == "theirs" for r in peer_runs):
+            rows.append(make_row(job, peak, theirs))
+    return rows
+
+
+def save_report(report: dict[str, Any], path: Path) -> None:
+    """Write the JSON report atomically (a temporary file renamed over the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+def print_report(report: dict[str, Any], threads: int, path: Path) -> None:
+    print(format_table(report["rows"]))
+    if "data" in report:
+        print(format_data(report["data"]))
+    for err in report.get("errors", []):
+        print(f"FAILED {err['job']} ({err['side']}, round {err['repeat'] + 1}): {err['error'].strip().splitlines()[-1]}")
+    peak = report["matmul_peak"]["peak"]
+    peak_text = (f"bf16 matmul peak {peak['bf16']['flops_wall'] / 1e12:.0f} TFLOP/s, fp32 {peak['fp32']['flops_wall'] / 1e12:.0f}"
+                 if str(report.get("device", "cpu")).startswith("cuda") else
+                 f"fp32 matmul peak {peak['fp32']['flops_cpu'] / 1e9:.0f} GFLOP/s per CPU-second")
+    print(f"load average before {report['load_before']}, after {report.get('load_after')}; {peak_text}; "
+          f"{threads} thread(s); device {report.get('device', 'cpu')}; JSON: {path}")
+
+
+def data_consumer_args(jobs: list[Job], peak: dict[str, Any], device: str) -> list[str]:
+    """bench_data's consumer rates from this run: on CPU the 64 px decoder's FLOP/s per CPU-second;
+    on CUDA this GPU's measured bf16 peak and the MFU our decoder step reached at the large batch,
+    in place of the assumed reference accelerator."""
+    measured = {j.name: j for j in jobs if any(r["side"] == "ours" for r in j.runs)}
+    if not device.startswith("cuda"):
+        decoder = measured.get("decoder_train/fp32")
+        return [] if decoder is None else ["--decoder-flops", str(best(decoder.runs, "ours")["achieved_flops_cpu"])]
+    large = [j for name, j in measured.items() if name.startswith("decoder_train/bf16/efficient/b")]
+    if not large:
+        return []
+    peak_bf16 = peak["peak"]["bf16"]["flops_wall"]
+    mfu = best(large[0].runs, "ours")["achieved_flops"] / peak_bf16
+    return ["--accelerator-tflops", str(peak_bf16 / 1e12), "--mfu", str(mfu), "--accelerator-label", f"this GPU ({device}), measured"]
 
 
 def log(message: str) -> None:
@@ -251,24 +333,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-python", default=str(DEFAULT_PEER_PYTHON), help="python of the dalle2-pytorch venv")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
+    parser.add_argument("--report", type=Path, default=None, help="print the table of a saved JSON report and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        report = json.loads(args.report.read_text())
+        print_report(report, report.get("threads", 1), args.report)
+        return 0
     if not Path(args.peer_python).exists():
         log(f"peer interpreter {args.peer_python} not found: `make bench` creates .venv-bench (dalle2-pytorch)")
         return 2
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(format_table(report["rows"]))
-    if "data" in report:
-        print(format_data(report["data"]))
-    print(f"load average before {report['load_before']}, after {report['load_after']}; "
-          f"fp32 matmul peak {report['matmul_peak']['peak']['fp32']['flops_cpu'] / 1e9:.0f} GFLOP/s per CPU-second; "
-          f"{args.threads} thread(s); JSON: {args.out}")
-    return 0
+    save_report(report, args.out)
+    print_report(report, args.threads, args.out)
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -128,6 +128,62 @@ def test_default_jobs_alternate_and_cover_the_issue():
     assert env["MALLOC_MMAP_MAX_"] == "0" and env["OMP_NUM_THREADS"] == "3"
 
 
+def test_cuda_jobs_run_variants_in_bf16_and_one_row_at_a_gpu_batch():
+    """On CUDA the variants and sampling run in bf16, the CPU-only MKL row is gone, more steps are
+    timed, and the large-batch decoder row measures both sides; --tiny strips the sizes again."""
+    jobs = {j.name: j for j in run_all.default_jobs(["bf16"], tiny=False, device="cuda")}
+    assert {"prior_train/bf16/20tok", "decoder_train/bf16/efficient", "decoder_sample/bf16", "prior_sample/bf16"} <= set(jobs)
+    assert not any("mkl" in name or "fp32" in name for name in jobs)
+    large = jobs[f"decoder_train/bf16/efficient/b{run_all.CUDA_MFU_BATCH}"]
+    assert large.theirs_from is None and large.args[large.args.index("--batch") + 1] == str(run_all.CUDA_MFU_BATCH)
+    assert jobs["decoder_train/bf16/efficient"].theirs_from == "decoder_train/bf16"
+    assert all("--steps" in j.args for j in jobs.values())
+    for job in run_all.default_jobs(["bf16"], tiny=True, device="cuda"):
+        assert "--batch" not in job.args and job.args.count("--steps") == 1 and "--tiny" in job.args
+    cpu = {j.name for j in run_all.default_jobs(["fp32", "bf16"], tiny=False)}
+    assert "prior_train/fp32/mkl" in cpu and not any(name.startswith("decoder_train/bf16/") for name in cpu)
+
+
+def fake_run(side: str, throughput: float, device: str = "cpu") -> dict:
+    return {"side": side, "bench": "decoder_train", "device": device, "params": 100, "throughput": throughput,
+            "throughput_cpu": throughput, "unit": "images/s", "cpu_s": 1.0, "wall_s": 2.0, "mem_mb": 10.0,
+            "flops_per_step": 1e9, "achieved_flops": 4e12, "achieved_flops_cpu": 2e12}
+
+
+def test_rows_need_both_sides_and_cuda_peak_is_by_wall_time(tmp_path, capsys):
+    """A job whose peer side failed has no row; on CUDA the peak fraction uses wall time (MFU); a
+    saved report prints the same table again (`--report`)."""
+    peak = {"peak": {"bf16": {"flops_wall": 8e12, "flops_cpu": 1e15}}}
+    complete = run_all.Job("decoder_train/bf16", "", [], "decoder", "bf16",
+                           runs=[fake_run("ours", 4.0, "cuda:0"), fake_run("theirs", 2.0, "cuda:0")])
+    variant = run_all.Job("decoder_train/bf16/efficient", "", [], "decoder", "bf16", theirs_from="decoder_train/bf16",
+                          runs=[fake_run("ours", 6.0, "cuda:0")])
+    broken = run_all.Job("prior_train/bf16", "", [], "prior", "bf16", runs=[fake_run("ours", 1.0, "cuda:0")])
+    rows = run_all.table_rows([complete, variant, broken], peak)
+    assert [r["job"] for r in rows] == ["decoder_train/bf16", "decoder_train/bf16/efficient"]
+    assert rows[1]["speed_ratio"] == pytest.approx(3.0)
+    assert rows[0]["peak_fraction_ours"] == pytest.approx(0.5)  # 4e12 / 8e12, not the CPU-time figure
+    cpu_row = run_all.make_row(run_all.Job("d", "", [], "decoder", "bf16", runs=[fake_run("ours", 4.0), fake_run("theirs", 2.0)]), peak)
+    assert cpu_row["peak_fraction_ours"] == pytest.approx(2e12 / 1e15)
+    report = {"rows": rows, "load_before": None, "device": "cuda", "threads": 1, "errors": [
+        {"job": "prior_train/bf16", "side": "theirs", "repeat": 0, "error": "Traceback ...\nRuntimeError: out of memory"}],
+        "matmul_peak": {"peak": {"bf16": {"flops_wall": 8e12}, "fp32": {"flops_wall": 1e12}}}}
+    path = tmp_path / "bench.json"
+    run_all.save_report(report, path)
+    assert not path.with_name("bench.json.tmp").exists()
+    assert run_all.main(["--report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "decoder_train/bf16/efficient" in out and "FAILED prior_train/bf16 (theirs, round 1): RuntimeError: out of memory" in out
+
+
+def test_decoder_batch_option(capsys, one_thread):
+    """--batch sizes the step itself (its FLOPs grow with it), not only the throughput arithmetic."""
+    tiny = ["--side", "ours", "--tiny", "--steps", "1", "--warmup", "1"]
+    default, larger = run_main(bench_decoder.main, tiny, capsys), run_main(bench_decoder.main, [*tiny, "--batch", "3"], capsys)
+    assert default["batch"] == 2 and larger["batch"] == 3 and larger["throughput"] == pytest.approx(3 / larger["wall_s"])
+    assert larger["flops_per_step"] == pytest.approx(1.5 * default["flops_per_step"], rel=1e-3)
+
+
 def test_dispatch_timer_counts_each_operator_per_step():
     """profile_step --timer dispatch: every aten call is timed and counted, per step."""
     from benchmarks import profile_step
