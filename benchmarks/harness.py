@@ -29,6 +29,7 @@ import torch
 
 RESULT_PREFIX = "BENCH_RESULT "
 MB = 2**20
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes `--compile` takes
 
 
 class Side(str, Enum):
@@ -57,8 +58,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup:
     parser.add_argument("--dtype", type=Precision, choices=list(Precision), default=Precision.FP32,
                         help="bf16: run the step under torch.autocast(bfloat16), on both sides alike")
     parser.add_argument("--compile", nargs="?", const="default", default=None,
-                        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                        help="torch.compile the network, both sides alike (mode; reduce-overhead: CUDA graphs)")
+                        choices=COMPILE_MODES, help="torch.compile the network, both sides alike (mode; reduce-overhead: CUDA graphs)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--steps", type=int, default=steps, help="timed steps")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import parse_result
+from benchmarks.harness import COMPILE_MODES, parse_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
@@ -221,7 +221,7 @@ def format_data(data: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace) -> dict[str, Any]:
     env = child_env(args.threads)
-    common = ["--threads", str(args.threads), "--device", args.device] + (["--compile"] if args.compile else [])
+    common = ["--threads", str(args.threads), "--device", args.device] + (["--compile", args.compile] if args.compile else [])
     jobs = default_jobs(args.dtype, args.tiny, args.device)
     if args.only:
         jobs = [j for j in jobs if any(j.name.startswith(prefix) for prefix in args.only)]
@@ -234,8 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = {m: run_process(args.peer_python, mod, ["--side", "theirs", "--count-only", *common] + (["--tiny"] if args.tiny else []),
                              env, args.timeout)["params"]
               for m, mod in (("decoder", "benchmarks.bench_decoder"), ("prior", "benchmarks.bench_prior"))}
-    report["peer_params"] = counts
-    report["errors"] = []
+    report.update(peer_params=counts, errors=[], rows=[], runs={})
     for rep in range(args.repeats):
         for i, job in enumerate(jobs):
             order = ["ours", "theirs"] if (rep + i) % 2 == 0 else ["theirs", "ours"]
@@ -253,14 +252,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"    {result['throughput']:.4g} {result['unit']}, {result['cpu_s']:.3f} s CPU/step, {result['mem_mb']:.0f} MB")
                 report["rows"], report["runs"] = table_rows(jobs, report["matmul_peak"]), {j.name: j.runs for j in jobs}
                 save_report(report, args.out)  # a run cut short keeps what it measured
-    report["rows"] = table_rows(jobs, report["matmul_peak"])
     if not args.no_data:
         flops = data_consumer_args(jobs, report["matmul_peak"], args.device)
         log("data loader vs decoder consumption ...")
         report["data"] = run_process(args.ours_python, "benchmarks.bench_data",
                                      ["--threads", str(args.threads), *flops] + (["--tiny"] if args.tiny else []), env, args.timeout)
     report["load_after"] = load_average()
-    report["runs"] = {job.name: job.runs for job in jobs}
     return report
 
 
@@ -269,8 +266,10 @@ def table_rows(jobs: list[Job], peak: dict[str, Any]) -> list[dict[str, Any]]:
     by_name = {job.name: job for job in jobs}
     rows = []
     for job in jobs:
-        theirs = by_name[job.theirs_from].runs if job.theirs_from in by_name else None if job.theirs_from is None else []
-        peer_runs = job.runs if theirs is None else theirs
+        if job.theirs_from is None:
+            peer_runs, theirs = job.runs, None
+        else:
+            peer_runs = theirs = by_name[job.theirs_from].runs if job.theirs_from in by_name else []
         if any(r["side"] == "ours" for r in job.runs) and any(r["side"] == "theirs" for r in peer_runs):
             rows.append(make_row(job, peak, theirs))
     return rows
@@ -325,7 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="precisions of the train-step rows (sampling rows: fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both sides' networks")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=COMPILE_MODES, help="torch.compile both sides' networks (mode; reduce-overhead: CUDA graphs)")
     parser.add_argument("--only", nargs="*", default=None, help="job name prefixes, e.g. decoder_train prior_sample")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, one step (a smoke test)")
     parser.add_argument("--no-data", action="store_true", help="skip the data-loader measurement")
