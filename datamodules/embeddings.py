@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from enum import Enum
@@ -67,7 +68,28 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# The header `np.save` writes for a plain array: {'descr': '<f4', 'fortran_order': False, 'shape': (77, 512), }
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?(?:f[248]|[iu][1248]))', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \}\s*")
+
+
 def load_npy(data: bytes) -> Tensor:
+    """A `.npy` member as a float32 tensor (`allow_pickle=False` semantics).
+
+    The plain headers `np.save` writes are read here by a strict pattern; anything else goes to
+    `np.load`. numpy parses headers with `ast.literal_eval`, and CPython before 3.11.8 can fail
+    that in a forked DataLoader worker with a spurious `SystemError: AST constructor recursion depth
+    mismatch` (python/cpython#106905; seen in `tests/test_resume.py`)."""
+    if data[:6] == _NPY_MAGIC and data[6] in (1, 2, 3):
+        size_bytes = 2 if data[6] == 1 else 4
+        start = 8 + size_bytes
+        header_len = int.from_bytes(data[8:start], "little")
+        match = _NPY_HEADER.fullmatch(data[start:start + header_len].decode("latin1"))
+        if match is not None:
+            descr, dims = match.groups()
+            shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
+            array = np.frombuffer(data, dtype=np.dtype(descr), count=int(np.prod(shape)), offset=start + header_len)
+            return torch.from_numpy(array.reshape(shape).astype(np.float32))
     return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.embeddings import EmbeddingDataModule, EmbeddingJoinError, ImageEmbeddingDataModule, Member, pad_tokens
+from datamodules.embeddings import EmbeddingDataModule, EmbeddingJoinError, ImageEmbeddingDataModule, Member, load_npy, pad_tokens
 from datamodules.image_text import ImageTextDataModule
 from datamodules.shapes import ShapesConfig, write_shapes_dataset
 from modules.cli import UserError, main
@@ -180,3 +180,30 @@ def test_join_counts_missing_and_rejects_stale_embeddings(exported, tmp_path: Pa
     (broken / "train-000001.tar").unlink()
     with pytest.raises(EmbeddingJoinError, match="no embedding shard"):
         _join_dm(shapes, broken)
+
+
+def test_load_npy_reads_plain_headers_without_ast_and_falls_back_to_numpy(monkeypatch):
+    """`load_npy` parses what `np.save` writes itself (numpy's `ast.literal_eval` header parser can
+    fail spuriously in forked workers on CPython < 3.11.8); other headers go to `np.load`; a
+    truncated array is a ValueError, which the shard reader counts as a bad sample."""
+    import ast
+
+    def save(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    plain = [rng.standard_normal(512).astype(np.float32), rng.standard_normal((7, 64)).astype(np.float16),
+             rng.standard_normal((2, 3, 4)), np.zeros((0, 8), np.float32), np.float32(3.5),
+             np.arange(6, dtype=">f4").reshape(2, 3), np.arange(4, dtype=np.int64)]
+    with monkeypatch.context() as patched:
+        patched.setattr(ast, "literal_eval", lambda *a, **k: pytest.fail("numpy's header parser ran"))
+        for array in plain:
+            tensor = load_npy(save(array))
+            assert tensor.dtype == torch.float32 and tuple(tensor.shape) == array.shape
+            np.testing.assert_array_equal(tensor.numpy(), array.astype(np.float32))
+    fortran = np.asfortranarray(rng.standard_normal((3, 4)).astype(np.float32))
+    np.testing.assert_array_equal(load_npy(save(fortran)).numpy(), fortran)
+    with pytest.raises(ValueError):
+        load_npy(save(plain[0])[:-4])
