@@ -50,6 +50,11 @@ def sizes(tiny: bool) -> Sizes:
     return Sizes(16, 2, PEER_DIM_TINY) if tiny else Sizes(64, 8, PEER_DIM)
 
 
+def train_batch(args: argparse.Namespace) -> int:
+    """`--batch`, else the size's default (8; 2 with --tiny)."""
+    return args.batch or sizes(args.tiny).batch
+
+
 # ------------------------------------------------------------------------------ parameter matching
 def our_unet_config(model_channels: int, tiny: bool, layout: str = "paper", **overrides: Any) -> Any:
     from modules.networks.unet import UNetConfig
@@ -104,7 +109,7 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
     module = DecoderModule(unet=unet, clip_model="ViT-B-32", condition_on_text=False).to(device)
     harness.maybe_compile(module.unet, args.compile)
     g = torch.Generator().manual_seed(args.seed)
-    B = args.batch or sz.batch
+    B = train_batch(args)
     batch = {
         "image": torch.rand(B, 3, sz.image_size, sz.image_size, generator=g).mul(2).sub(1).to(device),
         "image_embed": unit_embeds(B, args.seed, device),
@@ -140,7 +145,7 @@ def build_theirs(args: argparse.Namespace, device: torch.device) -> Built:
         network.to(memory_format=torch.channels_last)
     harness.maybe_compile(network, args.compile)
     g = torch.Generator().manual_seed(args.seed)
-    B = args.batch or sz.batch
+    B = train_batch(args)
     images = torch.rand(B, 3, sz.image_size, sz.image_size, generator=g).to(device)  # [0, 1]: it normalises
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     device, memory = harness.start(args)
     sz = sizes(args.tiny)
     harness.emit(harness.train_benchmark(args, build(args, device), device, memory, bench="decoder_train",
-                                         unit="images/s", batch=args.batch or sz.batch, image_size=sz.image_size))
+                                         unit="images/s", batch=train_batch(args), image_size=sz.image_size))
 
 
 if __name__ == "__main__":

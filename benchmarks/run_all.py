@@ -305,11 +305,11 @@ def data_consumer_args(jobs: list[Job], peak: dict[str, Any], device: str) -> li
     if not device.startswith("cuda"):
         decoder = measured.get("decoder_train/fp32")
         return [] if decoder is None else ["--decoder-flops", str(best(decoder.runs, "ours")["achieved_flops_cpu"])]
-    large = [j for name, j in measured.items() if name.startswith("decoder_train/bf16/efficient/b")]
-    if not large:
+    large = measured.get(f"decoder_train/bf16/efficient/b{CUDA_MFU_BATCH}")
+    if large is None:
         return []
     peak_bf16 = peak["peak"]["bf16"]["flops_wall"]
-    mfu = best(large[0].runs, "ours")["achieved_flops"] / peak_bf16
+    mfu = best(large.runs, "ours")["achieved_flops"] / peak_bf16
     return ["--accelerator-tflops", str(peak_bf16 / 1e12), "--mfu", str(mfu), "--accelerator-label", f"this GPU ({device}), measured"]
 
 
