@@ -41,7 +41,8 @@ def test_decoder_width_is_matched_to_a_parameter_count():
 
 def test_efficient_layout_matches_the_count_with_fewer_flops_per_step():
     """Imagen's Efficient U-Net layout at the peer's count (±5%) costs less than half the FLOPs of
-    the paper layout per train step (forward + backward, batch 8, 64 px; counted on the meta device)."""
+    the paper layout per train step (forward + backward, batch 8, 64 px; counted on the meta device),
+    and downsampling before any 64 px res block (`efficient-top0`) saves more than 5% of that."""
     flops = {}
     for layout in bench_decoder.LAYOUTS:
         channels, n = bench_decoder.match_model_channels(PEER_DECODER_PARAMS, layout=layout)
@@ -53,6 +54,7 @@ def test_efficient_layout_matches_the_count_with_fewer_flops_per_step():
             x, t, z = torch.randn(8, 3, 64, 64), torch.zeros(8, dtype=torch.long), torch.randn(8, bench_decoder.EMBED_DIM)
             flops[layout] = harness.count_flops(lambda: unet(x, t, image_embed=z).square().mean().backward())
     assert flops["efficient"] < 0.5 * flops["paper"], flops
+    assert flops["efficient-top0"] < 0.95 * flops["efficient"], flops
 
 
 def test_prior_mlp_is_matched_to_a_parameter_count():
@@ -201,3 +203,19 @@ def test_dispatch_timer_counts_each_operator_per_step():
     assert all(t >= 0 for t, _ in times.values()) and times["aten::mm"][0] > 0
     assert profile_step.group_of("aten::mm") == "gemm (BLAS)"
     assert profile_step.group_of("aten::convolution") == profile_step.group_of("aten::convolution_backward") == "convolution (oneDNN)"
+
+
+def test_compare_layouts_data_and_held_out_loss():
+    """The layout comparison's images are deterministic shapes scenes in [-1, 1], and its held-out
+    loss is the ε-MSE at every fixed timestep: exactly mean(ε²) for a network that predicts 0."""
+    from benchmarks import compare_layouts
+    from modules.diffusion.config import DiffusionConfig
+
+    images = compare_layouts.shapes_images(3, 32, seed=5)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1 and images.std() > 0.1
+    torch.testing.assert_close(images, compare_layouts.shapes_images(3, 32, seed=5))
+    losses = compare_layouts.held_out_loss(lambda x, t: torch.zeros_like(x), DiffusionConfig().build(), images, seed=7)
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(7))
+    assert list(losses) == list(compare_layouts.EVAL_TIMESTEPS)
+    for value in losses.values():
+        assert value == pytest.approx(float(eps.square().mean()), rel=1e-5)

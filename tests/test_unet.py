@@ -11,7 +11,7 @@ from torch import nn
 
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.networks.unet import UNet, UNetConfig
-from modules.networks.unet_blocks import AttentionBlock, Conditioning, Resample, ResBlock, Upsample, timestep_embedding
+from modules.networks.unet_blocks import AttentionBlock, Conditioning, Downsample, Resample, ResBlock, Upsample, timestep_embedding
 
 IMG_DIM, TXT_DIM, L = 12, 10, 5
 
@@ -98,6 +98,33 @@ def test_per_level_res_blocks():
     assert build(same[0]).num_parameters() == build(same[1]).num_parameters()
     with pytest.raises(ValueError, match="num_res_blocks: 2 counts for 3 levels"):
         tiny_config(channel_mult=(1, 2, 2), num_res_blocks=(1, 2))
+    with pytest.raises(ValueError, match=r"num_res_blocks: counts must be >= 0, got \(1, -1\)"):
+        tiny_config(num_res_blocks=(1, -1))
+
+
+def test_no_res_blocks_at_the_top_level():
+    """A 0 count (Imagen's downsample-before-convolution order): the full-resolution down path is
+    conv_in then the downsample, the up path keeps one full-resolution block to merge conv_in's skip,
+    the output keeps its shape and depends on every input pixel, and the step costs fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    top0 = tiny_config(channel_mult=(1, 2, 2), num_res_blocks=(0, 1, 2), attention_resolutions=(8,))
+    model = randomize_zero_init(build(top0))
+    assert isinstance(model.input_blocks[0][0], Downsample)
+    res_down = sum(isinstance(m[0], ResBlock) and m[0].resample is Resample.NONE for m in model.input_blocks)
+    assert res_down == 0 + 1 + 2 and len(model.output_blocks) == 1 + 2 + 3
+    x = inputs(2, 32)
+    x["x"].requires_grad_(True)
+    out = run(model, x)
+    assert out.shape == (2, 3, 32, 32)
+    out[0, :, 31, 31].sum().backward()
+    assert x["x"].grad[0, :, 0, 0].abs().sum() > 0 and x["x"].grad[1].abs().sum() == 0
+    flops = []
+    for cfg in (tiny_config(channel_mult=(1, 2, 2), num_res_blocks=(1, 1, 2), attention_resolutions=(8,)), top0):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run(build(cfg), inputs(2, 32))
+        flops.append(counter.get_total_flops())
+    assert flops[1] < flops[0]
 
 
 def test_conv_before_upsample():

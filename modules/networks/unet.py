@@ -46,7 +46,7 @@ class UNetConfig:
     out_channels: int = 3  # 2 * in_channels for a learned variance
     model_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
-    num_res_blocks: Union[int, tuple[int, ...]] = 2  # one count for every level, or one per level
+    num_res_blocks: Union[int, tuple[int, ...]] = 2  # down-path count for every level, or one per level
     attention_resolutions: tuple[int, ...] = (32, 16, 8)
     num_head_channels: int = 64
     dropout: float = 0.0
@@ -70,15 +70,20 @@ class UNetConfig:
             self.num_res_blocks = tuple(self.num_res_blocks)
             if len(self.num_res_blocks) != len(self.channel_mult):
                 raise ValueError(f"num_res_blocks: {len(self.num_res_blocks)} counts for {len(self.channel_mult)} levels (channel_mult)")
-        if not self.channel_mult or min(self.blocks_per_level) < 1:
-            raise ValueError("need at least one level and one res block per level")
+        if not self.channel_mult:
+            raise ValueError("channel_mult: need at least one level")
+        if min(self.blocks_per_level) < 0:
+            raise ValueError(f"num_res_blocks: counts must be >= 0, got {self.num_res_blocks}")
         if self.context_dim is None:
             self.context_dim = self.model_channels * max(self.channel_mult)
 
     @property
     def blocks_per_level(self) -> tuple[int, ...]:
-        """Res blocks at each level. Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1) puts
-        more at the low resolutions, where a parameter costs far fewer FLOPs than at full size."""
+        """Down-path res blocks at each level (the up path has one more, which merges the skips).
+        Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1) puts more at the low resolutions,
+        where a parameter costs far fewer FLOPs than at full size; a 0 at the top level is its
+        "downsample before convolution" order: the full resolution keeps only conv_in, one up-path
+        res block and the output layers."""
         n = self.num_res_blocks
         return (n,) * len(self.channel_mult) if isinstance(n, int) else n
 
