@@ -28,10 +28,10 @@ EVAL_TIMESTEPS = (50, 250, 500, 750, 950)
 def shapes_images(n: int, size: int, seed: int) -> torch.Tensor:
     """(n, 3, size, size) shapes scenes in [-1, 1] (datamodules.shapes' renderer, no files)."""
     from datamodules.shapes import render_sample
+    from datamodules.stages import to_tensor
 
     rng = np.random.default_rng(seed)
-    arrays = [np.asarray(render_sample(rng, size)[0], dtype=np.float32) for _ in range(n)]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(127.5).sub(1).contiguous()
+    return torch.stack([to_tensor(render_sample(rng, size)[0]) for _ in range(n)])
 
 
 @torch.no_grad()
