@@ -11,7 +11,9 @@ from torch import nn
 
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.networks.unet import UNet, UNetConfig
-from modules.networks.unet_blocks import AttentionBlock, Conditioning, Downsample, Resample, ResBlock, Upsample, timestep_embedding
+from modules.networks.unet_blocks import (
+    AttentionBlock, Conditioning, Downsample, Resample, ResBlock, Upsample, norm_modulate_silu, timestep_embedding,
+)
 
 IMG_DIM, TXT_DIM, L = 12, 10, 5
 
@@ -235,6 +237,40 @@ def saved_bytes(model: nn.Module, kw: dict) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run(model, kw)
     return sum(storages.values())
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_norm_silu_matches_autograd(modulated: bool, channels_last: bool, autocast: bool):
+    """The recomputing GroupNorm(+modulation)+SiLU gives autograd's values and gradients (input,
+    affine weight and bias, scale, shift) and keeps the memory layout; under bf16 autocast (the
+    checkpoint route) the values, dtypes and gradients are autocast's too."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 16, affine=not modulated)
+    if not modulated:
+        nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    x = torch.randn(3, 16, 5, 7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    scale, shift = (torch.randn(3, 16, 1, 1), torch.randn(3, 16, 1, 1)) if modulated else (None, None)
+    g = torch.randn(3, 16, 5, 7)
+    results = []
+    for recompute in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, scale, shift)]
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h = leaves[0].to(torch.bfloat16) if autocast else leaves[0]
+            out = norm_modulate_silu(norm, h, *leaves[1:], recompute=recompute)
+        out.backward(g)
+        grads = [t.grad for t in leaves if t is not None] + [p.grad for p in norm.parameters()]
+        results.append((out, grads))
+    (ref, ref_grads), (got, got_grads) = results
+    assert got.dtype == ref.dtype
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert len(got_grads) == len(ref_grads) == 3
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_recompute_norms_keeps_fewer_activations():

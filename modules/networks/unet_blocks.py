@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,24 +76,52 @@ def _resample(x: Tensor, mode: Resample) -> Tensor:
     return x
 
 
-def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
-    """SiLU(GroupNorm(x))."""
-    return F.silu(norm(x))
+class _RecomputedNormSiLU(torch.autograd.Function):
+    """SiLU(GroupNorm(x)·(1 + s) + b) that keeps only x and the group statistics for backward and
+    recomputes the normalised map there (one GroupNorm forward and two elementwise kernels): the
+    same values and gradients as autograd's graph without its two activation-sized intermediates,
+    and without `torch.utils.checkpoint`'s replay machinery."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+                shift: Optional[Tensor], groups: int, eps: float) -> Tensor:
+        N, C = x.shape[:2]
+        ctx.shape = (N, C, x.numel() // max(N * C, 1), groups, eps)
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, *ctx.shape)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        return F.silu(y if scale is None else torch.addcmul(shift, y, 1.0 + scale))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        y = torch.native_group_norm(x, weight, bias, *ctx.shape)[0]
+        z = y if scale is None else torch.addcmul(shift, y, 1.0 + scale)
+        grad_z = torch.ops.aten.silu_backward(grad, z)
+        grad_scale = grad_shift = None
+        if scale is not None:
+            grad_y = grad_z * (1.0 + scale)
+            grad_scale = (grad_z * y).sum_to_size(scale.shape) if ctx.needs_input_grad[3] else None
+            grad_shift = grad_z.sum_to_size(shift.shape) if ctx.needs_input_grad[4] else None
+        else:
+            grad_y = grad_z
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            grad_y.contiguous(memory_format=memory_format_of(x)), x, mean, rstd, weight, *ctx.shape[:4], mask)
+        return grad_x, grad_w, grad_b, grad_scale, grad_shift, None, None
 
 
-def norm_modulate_silu(norm: nn.Module, h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """SiLU(GroupNorm(h)·(1 + s) + b): ADM's adaptive group norm (§3) and the activation after it."""
-    return F.silu(torch.addcmul(shift, norm(h), 1.0 + scale))
-
-
-def recomputed(fn: Callable[..., Tensor], enabled: bool, *args: Any) -> Tensor:
-    """``fn(*args)``; with ``enabled`` (and autograd on) its intermediates are not kept for backward
-    but recomputed there: only the inputs and the output stay, which for a norm + activation drops
-    the normalised map (one activation-sized tensor per call) for a re-run of two cheap
-    elementwise kernels."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+def norm_modulate_silu(norm: nn.GroupNorm, h: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                       recompute: bool = False) -> Tensor:
+    """SiLU(GroupNorm(h)·(1 + s) + b): ADM's adaptive group norm (§3) and the activation after it
+    (without s, b: SiLU(GroupNorm(h))). ``recompute`` keeps only h for backward (less memory);
+    under autocast, whose GroupNorm precision differs by device, through `checkpoint` instead."""
+    if recompute and torch.is_grad_enabled():
+        if torch.is_autocast_enabled(h.device.type):
+            return checkpoint(norm_modulate_silu, norm, h, scale, shift, use_reentrant=False)
+        return _RecomputedNormSiLU.apply(h, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
+    y = norm(h)
+    return F.silu(y if scale is None else torch.addcmul(shift, y, 1.0 + scale))
 
 
 class ResBlock(nn.Module):
@@ -130,11 +158,11 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
-        h = recomputed(norm_silu, self.recompute_norms, self.in_norm, x)  # (B, C, H, W)
+        h = norm_modulate_silu(self.in_norm, x, recompute=self.recompute_norms)  # (B, C, H, W)
         h = self.in_conv(_resample(h, self.resample))  # (B, C_out, H', W')
         x = _resample(x, self.resample)
         scale, shift = self.emb_proj(cond.emb)[..., None, None].chunk(2, dim=1)  # (B, C_out, 1, 1)
-        h = recomputed(norm_modulate_silu, self.recompute_norms, self.out_norm, h, scale, shift)
+        h = norm_modulate_silu(self.out_norm, h, scale, shift, recompute=self.recompute_norms)
         h = self.out_conv(self.dropout(h))
         return self.skip(x) + h
 
