@@ -13,7 +13,6 @@ parameter counts are the benchmark's.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 

@@ -76,6 +76,11 @@ def _resample(x: Tensor, mode: Resample) -> Tensor:
     return x
 
 
+def _modulate(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
+    """y·(1 + s) + b, or y without a modulation."""
+    return y if scale is None else torch.addcmul(shift, y, 1.0 + scale)
+
+
 class _RecomputedNormSiLU(torch.autograd.Function):
     """SiLU(GroupNorm(x)·(1 + s) + b) that keeps only x and the group statistics for backward and
     recomputes the normalised map there (one GroupNorm forward and two elementwise kernels): the
@@ -89,13 +94,13 @@ class _RecomputedNormSiLU(torch.autograd.Function):
         ctx.shape = (N, C, x.numel() // max(N * C, 1), groups, eps)
         y, mean, rstd = torch.native_group_norm(x, weight, bias, *ctx.shape)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        return F.silu(y if scale is None else torch.addcmul(shift, y, 1.0 + scale))
+        return F.silu(_modulate(y, scale, shift))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         y = torch.native_group_norm(x, weight, bias, *ctx.shape)[0]
-        z = y if scale is None else torch.addcmul(shift, y, 1.0 + scale)
+        z = _modulate(y, scale, shift)
         grad_z = torch.ops.aten.silu_backward(grad, z)
         grad_scale = grad_shift = None
         if scale is not None:
@@ -120,8 +125,7 @@ def norm_modulate_silu(norm: nn.GroupNorm, h: Tensor, scale: Optional[Tensor] = 
         if torch.is_autocast_enabled(h.device.type):
             return checkpoint(norm_modulate_silu, norm, h, scale, shift, use_reentrant=False)
         return _RecomputedNormSiLU.apply(h, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
-    y = norm(h)
-    return F.silu(y if scale is None else torch.addcmul(shift, y, 1.0 + scale))
+    return F.silu(_modulate(norm(h), scale, shift))
 
 
 class ResBlock(nn.Module):
