@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import COMPILE_MODES, parse_result
+from modules.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
@@ -66,10 +67,15 @@ CUDA_SAMPLE_ARGS = ["--steps", "3"]
 CUDA_MFU_BATCH = 256
 
 
+def is_cuda(device: Any) -> bool:
+    """Whether a device name (as given on the command line or stored in a result) is a CUDA one."""
+    return str(device or "cpu").startswith("cuda")
+
+
 def default_jobs(dtypes: list[str], tiny: bool, device: str = "cpu") -> list[Job]:
     """The table's rows. Variants of one side (20-token captions, the efficient U-Net layout, ...)
     run at fp32 on CPU and at bf16 on CUDA (the precision each device trains in), as does sampling."""
-    cuda = device.startswith("cuda")
+    cuda = is_cuda(device)
     variant = "bf16" if cuda and "bf16" in dtypes else "fp32"
     train_extra = CUDA_TRAIN_ARGS if cuda else []
     jobs = []
@@ -164,7 +170,7 @@ def make_row(job: Job, peak: dict[str, Any] | None, theirs_runs: list[dict[str, 
     memory_target = MEMORY_TARGET if bench.endswith("_train") else None
     # On CPU achieved FLOP/s per CPU-second (robust to other processes); on CUDA per wall second,
     # where a fraction of the matmul peak is the model FLOPs utilisation.
-    clock = "wall" if str(ours.get("device", "cpu")).startswith("cuda") else "cpu"
+    clock = "wall" if is_cuda(ours.get("device")) else "cpu"
     peak_flops = (peak or {}).get("peak", {}).get(job.dtype, {}).get(f"flops_{clock}")
     achieved = "achieved_flops" if clock == "wall" else "achieved_flops_cpu"
     row = {
@@ -278,9 +284,7 @@ def table_rows(jobs: list[Job], peak: dict[str, Any]) -> list[dict[str, Any]]:
 def save_report(report: dict[str, Any], path: Path) -> None:
     """Write the JSON report atomically (a temporary file renamed over the old one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=1))
 
 
 def print_report(report: dict[str, Any], threads: int, path: Path) -> None:
@@ -291,7 +295,7 @@ def print_report(report: dict[str, Any], threads: int, path: Path) -> None:
         print(f"FAILED {err['job']} ({err['side']}, round {err['repeat'] + 1}): {err['error'].strip().splitlines()[-1]}")
     peak = report["matmul_peak"]["peak"]
     peak_text = (f"bf16 matmul peak {peak['bf16']['flops_wall'] / 1e12:.0f} TFLOP/s, fp32 {peak['fp32']['flops_wall'] / 1e12:.0f}"
-                 if str(report.get("device", "cpu")).startswith("cuda") else
+                 if is_cuda(report.get("device")) else
                  f"fp32 matmul peak {peak['fp32']['flops_cpu'] / 1e9:.0f} GFLOP/s per CPU-second")
     print(f"load average before {report['load_before']}, after {report.get('load_after')}; {peak_text}; "
           f"{threads} thread(s); device {report.get('device', 'cpu')}; JSON: {path}")
@@ -302,7 +306,7 @@ def data_consumer_args(jobs: list[Job], peak: dict[str, Any], device: str) -> li
     on CUDA this GPU's measured bf16 peak and the MFU our decoder step reached at the large batch,
     in place of the assumed reference accelerator."""
     measured = {j.name: j for j in jobs if any(r["side"] == "ours" for r in j.runs)}
-    if not device.startswith("cuda"):
+    if not is_cuda(device):
         decoder = measured.get("decoder_train/fp32")
         return [] if decoder is None else ["--decoder-flops", str(best(decoder.runs, "ours")["achieved_flops_cpu"])]
     large = measured.get(f"decoder_train/bf16/efficient/b{CUDA_MFU_BATCH}")

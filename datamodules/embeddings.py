@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules import stages
 from datamodules.image_text import EpochLoader, ImageTextDataModule, LoaderConfig, tokenizer_by_name
 from datamodules.stages import Sample
+from modules.files import write_text_atomic
 
 META_FILE = "meta.json"
 EMBED_FIELDS = ("image_embed", "text_embed", "text_tokens", "text_mask")
@@ -155,9 +156,7 @@ def check_meta(out: Path, meta: dict[str, Any]) -> None:
         if diff:
             raise EmbeddingJoinError(f"{out} holds another export ({diff}); choose another output folder")
         return
-    tmp = path.with_name(META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from modules.files import write_text_atomic
+
 
 class Shape(str, Enum):
     CIRCLE = "circle"
@@ -432,9 +434,7 @@ def write_shapes_dataset(config: ShapesConfig, out: str | os.PathLike, workers: 
              "margin_px": margin_px(config.size),
              "val_contents": "full distribution; with holdouts, a val_holdout_fraction of val "
                              "samples are probes containing a held-out item (truth['holdout'])"}
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "stats.json")
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
 
 
