@@ -91,15 +91,15 @@ class _RecomputedNormSiLU(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
                 shift: Optional[Tensor], groups: int, eps: float) -> Tensor:
         N, C = x.shape[:2]
-        ctx.shape = (N, C, x.numel() // max(N * C, 1), groups, eps)
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, *ctx.shape)
+        ctx.norm_args = (N, C, x.numel() // max(N * C, 1), groups, eps)  # native_group_norm's N, C, HxW, group, eps
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, *ctx.norm_args)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
         return F.silu(_modulate(y, scale, shift))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        y = torch.native_group_norm(x, weight, bias, *ctx.shape)[0]
+        y = torch.native_group_norm(x, weight, bias, *ctx.norm_args)[0]
         z = _modulate(y, scale, shift)
         grad_z = torch.ops.aten.silu_backward(grad, z)
         grad_scale = grad_shift = None
@@ -112,7 +112,7 @@ class _RecomputedNormSiLU(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2]]
         grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
-            grad_y.contiguous(memory_format=memory_format_of(x)), x, mean, rstd, weight, *ctx.shape[:4], mask)
+            grad_y.contiguous(memory_format=memory_format_of(x)), x, mean, rstd, weight, *ctx.norm_args[:4], mask)
         return grad_x, grad_w, grad_b, grad_scale, grad_shift, None, None
 
 
