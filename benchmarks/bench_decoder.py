@@ -39,6 +39,10 @@ LAYOUTS = {
     # but it learned worse in compare_layouts.py, so it is not the benchmark's layout
     "efficient-top0": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(0, 2, 2, 4), attention_resolutions=(16, 8),
                            num_head_channels=64, conv_before_upsample=True),
+    # the same as "efficient" with self-attention at 8 px only (where the peer has its one self-attention
+    # layer, in the middle): no 256-token attention at 16 px
+    "efficient-attn8": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 4), attention_resolutions=(8,),
+                            num_head_channels=64, conv_before_upsample=True),
 }
 TINY_LAYOUT = dict(channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_head_channels=16)
 

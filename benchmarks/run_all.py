@@ -93,6 +93,8 @@ def default_jobs(dtypes: list[str], tiny: bool, device: str = "cpu") -> list[Job
             # The same, GroupNorm+SiLU recomputed in backward: training memory bought with time.
             ("efficient/recompute", "benchmarks.bench_decoder", ["--layout", "efficient", "--recompute-norms", *DECODER_ARGS],
              "decoder", "decoder_train"),
+            # The same layout with self-attention at 8 px only (the peer's is at its 8 px middle only).
+            ("efficient-attn8", "benchmarks.bench_decoder", ["--layout", "efficient-attn8", *DECODER_ARGS], "decoder", "decoder_train"),
         ]
         if not cuda:  # our linear layers on MKL's sgemm instead of oneDNN (what the oneDNN routing is worth)
             variants.insert(1, ("mkl", "benchmarks.bench_prior", ["--cpu-linear", "blas"], "prior", "prior_train"))
@@ -109,6 +111,9 @@ def default_jobs(dtypes: list[str], tiny: bool, device: str = "cpu") -> list[Job
                     "decoder", variant))
     jobs.append(Job(f"decoder_sample/{variant}/efficient", "benchmarks.bench_sampling",
                     ["--model", "decoder", "--layout", "efficient", *DECODER_ARGS, *sample_args],
+                    "decoder", variant, theirs_from=f"decoder_sample/{variant}"))
+    jobs.append(Job(f"decoder_sample/{variant}/efficient-attn8", "benchmarks.bench_sampling",
+                    ["--model", "decoder", "--layout", "efficient-attn8", *DECODER_ARGS, *sample_args],
                     "decoder", variant, theirs_from=f"decoder_sample/{variant}"))
     jobs.append(Job(f"prior_sample/{variant}", "benchmarks.bench_sampling", ["--model", "prior", *sample_args], "prior", variant))
     if tiny:

@@ -42,7 +42,8 @@ def test_decoder_width_is_matched_to_a_parameter_count():
 def test_efficient_layout_matches_the_count_with_fewer_flops_per_step():
     """Imagen's Efficient U-Net layout at the peer's count (±5%) costs less than half the FLOPs of
     the paper layout per train step (forward + backward, batch 8, 64 px; counted on the meta device),
-    and downsampling before any 64 px res block (`efficient-top0`) saves more than 5% of that."""
+    and downsampling before any 64 px res block (`efficient-top0`) or dropping the 16 px attention
+    (`efficient-attn8`) saves more than 5% of that."""
     flops = {}
     for layout in bench_decoder.LAYOUTS:
         channels, n = bench_decoder.match_model_channels(PEER_DECODER_PARAMS, layout=layout)
@@ -55,6 +56,7 @@ def test_efficient_layout_matches_the_count_with_fewer_flops_per_step():
             flops[layout] = harness.count_flops(lambda: unet(x, t, image_embed=z).square().mean().backward())
     assert flops["efficient"] < 0.5 * flops["paper"], flops
     assert flops["efficient-top0"] < 0.95 * flops["efficient"], flops
+    assert flops["efficient-attn8"] < 0.95 * flops["efficient"], flops
 
 
 def test_prior_mlp_is_matched_to_a_parameter_count():
@@ -126,6 +128,10 @@ def test_default_jobs_alternate_and_cover_the_issue():
     jobs = run_all.default_jobs(["fp32", "bf16"], tiny=False)
     assert {j.name.split("/")[0] for j in jobs} == set(run_all.SPEED_TARGETS)
     assert all("--dtype" in j.args for j in jobs if "train" in j.name)
+    by_name = {j.name: j for j in jobs}
+    for name in ("decoder_train/fp32/efficient-attn8", "decoder_sample/fp32/efficient-attn8"):
+        assert by_name[name].args[by_name[name].args.index("--layout") + 1] == "efficient-attn8"
+        assert by_name[name].theirs_from == name.rsplit("/", 1)[0]  # the peer's runs of the row above
     env = run_all.child_env(3)
     assert env["MALLOC_MMAP_MAX_"] == "0" and env["OMP_NUM_THREADS"] == "3"
 
