@@ -35,8 +35,8 @@ LAYOUTS = {
     # parameters cost fewer FLOPs.
     "efficient": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 4), attention_resolutions=(16, 8), num_head_channels=64,
                       conv_before_upsample=True),
-    # the same with Imagen's downsampling before any 64 px res block (0, 2, 2, 4): 7% fewer FLOPs per step,
-    # but it learned worse in compare_layouts.py, so it is not the benchmark's layout
+    # the same with Imagen's downsampling before any 64 px res block (0, 2, 2, 4): 7% fewer FLOPs per step;
+    # selectable, not a benchmark row (compare_layouts.py results: benchmarks/README.md)
     "efficient-top0": dict(channel_mult=(1, 2, 4, 8), num_res_blocks=(0, 2, 2, 4), attention_resolutions=(16, 8),
                            num_head_channels=64, conv_before_upsample=True),
     # the same as "efficient" with self-attention at 8 px only (where the peer has its one self-attention
