@@ -185,10 +185,10 @@ class ExportBatches(IterableDataset):
 
             pipe = wds.DataPipeline(
                 stages.ShardList([url], shuffle=False),
-                stages.tar_to_samples(counter),
-                stages.decode_samples(counter),
-                stages.image_transform(self.image_size),
-                stages.batch_samples(self.batch_size, collate),
+                stages.TarToSamples(counter),
+                stages.DecodeSamples(counter),
+                stages.ImageTransform(self.image_size),
+                stages.BatchSamples(self.batch_size, collate),
             )
             for batch in pipe:
                 count += len(batch["key"])
@@ -199,18 +199,30 @@ class ExportBatches(IterableDataset):
 # ---------------------------------------------------------------------------------------------
 # Prior: embedding shards only
 # ---------------------------------------------------------------------------------------------
-def decode_embeddings(counter: stages.SkipCounter) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class DecodeEmbeddings:
     """Raw tar members -> decoded embedding samples; incomplete samples are counted and skipped."""
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+    def __init__(self, counter: stages.SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
         for raw in src:
             key = raw.get("__key__", "?")
             try:
                 yield decode_members(key, raw)
             except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                counter.skip(f"bad_embedding ({type(exc).__name__})", f"{key} in {raw.get('__url__', '?')}")
+                self.counter.skip(f"bad_embedding ({type(exc).__name__})", f"{key} in {raw.get('__url__', '?')}")
 
-    return stage
+
+class EmbeddingBatch:
+    """Collate of embedding samples (`collate_embeddings`) with the `skipped` counts since the
+    previous batch of this worker."""
+
+    def __init__(self, counter: stages.SkipCounter, pad_to: int | None) -> None:
+        self.counter, self.pad_to = counter, pad_to
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        return {**collate_embeddings(samples, self.pad_to), "skipped": self.counter.delta()}
 
 
 class EmbeddingDataModule(pl.LightningDataModule):
@@ -234,10 +246,12 @@ class EmbeddingDataModule(pl.LightningDataModule):
         val_samples: int = 1024,
         val_batch_size: int | None = None,
         pad_to: int | None = None,
+        multiprocessing_context: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers)
+        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers,
+                                   multiprocessing_context=multiprocessing_context)
         self.rank, self.world_size = 0, 1
 
     def setup(self, stage: str | None = None) -> None:
@@ -255,36 +269,25 @@ class EmbeddingDataModule(pl.LightningDataModule):
     def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, stages.ShardList | None]:
         hp, counter, shard_list = self.hparams, stages.SkipCounter(), None
         if train and hp.resampled:
-            head = [stages.resampled_shards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
+            head = [stages.ResampledShards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
         else:
             shard_list = stages.ShardList(urls, seed=hp.seed, shuffle=train)
-            head = [shard_list] + ([stages.split_by_node(self.rank, self.world_size), stages.split_by_worker] if train else [])
-        body = [stages.tar_to_samples(counter), decode_embeddings(counter)]
+            head = [shard_list] + ([stages.SplitByNode(self.rank, self.world_size), stages.split_by_worker] if train else [])
+        body = [stages.TarToSamples(counter), DecodeEmbeddings(counter)]
         if train:
-            body.append(stages.shuffle_samples(hp.shuffle_buffer, hp.seed, self.rank))
+            body.append(stages.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
         else:
-            body.append(stages.take_strided(hp.val_samples, self.rank, self.world_size))
-
-        def collate(samples: list[Sample]) -> Sample:
-            return {**collate_embeddings(samples, hp.pad_to), "skipped": counter.delta()}
-
+            body.append(stages.TakeStrided(hp.val_samples, self.rank, self.world_size))
         batch_size = hp.batch_size if train else (hp.val_batch_size or hp.batch_size)
-        pipe = wds.DataPipeline(*head, *body, stages.batch_samples(batch_size, collate, partial=not train))
+        collate = EmbeddingBatch(counter, hp.pad_to)
+        pipe = wds.DataPipeline(*head, *body, stages.BatchSamples(batch_size, collate, partial=not train))
         if train and hp.resampled and hp.epoch_samples:
             pipe = pipe.with_epoch(max(1, hp.epoch_samples // (batch_size * max(1, self.loader.num_workers))))
         return pipe, shard_list
 
     def _loader(self, urls: list[str], *, train: bool) -> DataLoader:
         pipe, shard_list = self.pipeline(urls, train=train)
-        cfg = self.loader
-        return EpochLoader(
-            pipe,
-            shard_list,
-            batch_size=None,
-            num_workers=cfg.num_workers,
-            pin_memory=cfg.pin_memory,
-            persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
-        )
+        return EpochLoader(pipe, shard_list, **self.loader.loader_kwargs())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +372,21 @@ class ImageEmbeddingDataModule(ImageTextDataModule):
     def extra_fields(self) -> tuple[str, ...]:
         return ("__url__",)  # the join needs the image shard each sample came from
 
-    def finish_sample(self, sample: Sample) -> Sample:
+    def finish_stages(self) -> list[Callable[[Any], Any]]:
+        return [stages.MapSamples(JoinEmbeddings(self.join))]
+
+    def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
+        return JoinedBatch(super().collate(counter), counter, self.join.folder, self.pad_to)
+
+
+class JoinEmbeddings:
+    """Per sample: the exported embeddings of (image shard, key) added to it, or a
+    `missing_embedding` mark; a caption other than the exported one raises `EmbeddingJoinError`."""
+
+    def __init__(self, join: EmbeddingJoin) -> None:
+        self.join = join
+
+    def __call__(self, sample: Sample) -> Sample:
         url = sample.pop("__url__")
         emb = self.join.lookup(url, sample["key"])
         if emb is None:
@@ -381,19 +398,23 @@ class ImageEmbeddingDataModule(ImageTextDataModule):
             )
         return {**sample, **{k: v for k, v in emb.items() if k not in ("key", "caption")}}
 
-    def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
-        base = super().collate(counter)
 
-        def collate(samples: list[Sample]) -> Sample:
-            for s in samples:
-                if "missing_embedding" in s:
-                    counter.skip("missing_embedding", s["missing_embedding"])
-            samples = [s for s in samples if "missing_embedding" not in s]
-            if not samples:
-                raise EmbeddingJoinError(f"no sample of a batch has embeddings in {self.join.folder}")
-            tokens = [s.pop("text_tokens") for s in samples]
-            batch = base(samples)
-            batch["text_tokens"], batch["text_mask"] = pad_tokens(tokens, self.pad_to)
-            return batch
+class JoinedBatch:
+    """Collate of joined samples: those marked `missing_embedding` counted and dropped, the rest
+    collated by `base` with their caption token encodings padded (`text_tokens`, `text_mask`)."""
 
-        return collate
+    def __init__(self, base: Callable[[list[Sample]], Sample], counter: stages.SkipCounter, folder: Path,
+                 pad_to: int | None) -> None:
+        self.base, self.counter, self.folder, self.pad_to = base, counter, folder, pad_to
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        for s in samples:
+            if "missing_embedding" in s:
+                self.counter.skip("missing_embedding", s["missing_embedding"])
+        samples = [s for s in samples if "missing_embedding" not in s]
+        if not samples:
+            raise EmbeddingJoinError(f"no sample of a batch has embeddings in {self.folder}")
+        tokens = [s.pop("text_tokens") for s in samples]
+        batch = self.base(samples)
+        batch["text_tokens"], batch["text_mask"] = pad_tokens(tokens, self.pad_to)
+        return batch

@@ -8,6 +8,7 @@ same loader worker (see `stages.SkipCounter`).
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,46 @@ class LoaderConfig:
     pin_memory: bool = False
     persistent_workers: bool = False
     prefetch_factor: int | None = None
+    # how loader workers start: None is the platform's default (fork on Linux); "forkserver" or
+    # "spawn" start them without forking a process that may be running threads
+    multiprocessing_context: str | None = None
+
+    def __post_init__(self) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        if self.multiprocessing_context is not None and self.multiprocessing_context not in methods:
+            raise ValueError(f"multiprocessing_context: {self.multiprocessing_context!r} is not one of {methods}")
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """DataLoader keyword arguments (batching is the pipeline's: `batch_size=None`)."""
+        workers = self.num_workers
+        return dict(
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            multiprocessing_context=start_context(self.multiprocessing_context) if workers > 0 else None,
+        )
+
+
+# What a forkserver imports once, before it forks any worker: the pipeline's classes and their
+# imports (torch, webdataset, PIL) and open_clip (the tokenizer's), so a worker does not import
+# them itself (open_clip alone takes seconds).
+FORKSERVER_PRELOAD = ["datamodules.embeddings", "open_clip"]
+
+
+def start_context(method: str | None) -> multiprocessing.context.BaseContext | None:
+    """The multiprocessing context for loader workers (None: the platform's default).
+
+    A forkserver forks workers from a single-threaded server process. Forking the training
+    process itself, which runs threads, can deadlock the child on CPython < 3.11.8
+    (python/cpython#112275: seen here as a DDP rank stuck waiting for its worker)."""
+    if method is None:
+        return None
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
 
 
 # Lightning's training loop fetches one batch ahead of the step it runs (`_PrefetchDataFetcher`,
@@ -103,6 +144,30 @@ def tokenizer_by_name(name: str) -> Callable[[list[str]], torch.Tensor]:
     return open_clip.get_tokenizer(name)
 
 
+class CaptionBatch:
+    """Collate: fields stacked (`stages.stack_fields`), the captions' open_clip `tokens` (when a
+    tokenizer is named) and the `skipped` counts since the previous batch of this worker.
+
+    Pickles by the tokenizer's name: a loader worker started by spawn / forkserver builds its own.
+    """
+
+    def __init__(self, counter: stages.SkipCounter, tokenizer: str | None,
+                 tokenize: Callable[[list[str]], torch.Tensor] | None = None) -> None:
+        self.counter, self.tokenizer, self._tokenize = counter, tokenizer, tokenize
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenize": None}
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        batch = stages.stack_fields(samples)
+        if self.tokenizer is not None:
+            if self._tokenize is None:
+                self._tokenize = tokenizer_by_name(self.tokenizer)
+            batch["tokens"] = self._tokenize(batch["caption"])
+        batch["skipped"] = self.counter.delta()
+        return batch
+
+
 class ImageTextDataModule(pl.LightningDataModule):
     """Image + caption WebDataset shards.
 
@@ -116,6 +181,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         tokenizer: open_clip model name whose tokenizer encodes captions (None: no tokens).
         hflip: random horizontal flips (off: they falsify left/right captions).
         allow_pipe: allow `pipe:` shard URLs (they run shell commands).
+        multiprocessing_context: how loader workers start (`LoaderConfig`; None: the platform's
+            default, "spawn" / "forkserver" also work: the pipeline pickles).
     """
 
     def __init__(
@@ -137,11 +204,13 @@ class ImageTextDataModule(pl.LightningDataModule):
         hflip: bool = False,
         max_caption_bytes: int = 4096,
         allow_pipe: bool = False,
+        multiprocessing_context: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers)
-        self._tokenizer = tokenizer_by_name(tokenizer) if tokenizer else None
+        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers,
+                                   multiprocessing_context=multiprocessing_context)
+        self._tokenizer = tokenizer_by_name(tokenizer) if tokenizer else None  # an unknown name fails here
         self.rank, self.world_size = 0, 1
 
     # -- hooks ------------------------------------------------------------------------------
@@ -164,43 +233,37 @@ class ImageTextDataModule(pl.LightningDataModule):
         """Further tar members each sample must carry (subclasses join embeddings by key)."""
         return ()
 
-    def finish_sample(self, sample: Sample) -> Sample:
-        """Per-sample hook after the image transform (subclasses decode extra fields)."""
-        return sample
+    def finish_stages(self) -> list[Callable[[Any], Any]]:
+        """Pipeline stages after the image transform (subclasses join extra fields); picklable."""
+        return []
 
     def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
-        def collate(samples: list[Sample]) -> Sample:
-            batch = stages.stack_fields(samples)
-            if self._tokenizer is not None:
-                batch["tokens"] = self._tokenizer(batch["caption"])
-            batch["skipped"] = counter.delta()
-            return batch
-
-        return collate
+        """The batch collate (picklable): see `CaptionBatch`."""
+        return CaptionBatch(counter, self.hparams.tokenizer, self._tokenizer)
 
     def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, stages.ShardList | None]:
         hp, counter = self.hparams, stages.SkipCounter()
         rules = stages.CaptionRules(max_bytes=hp.max_caption_bytes)
         shard_list = None
         if train and hp.resampled:
-            head = [stages.resampled_shards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
+            head = [stages.ResampledShards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
         else:
             shard_list = stages.ShardList(urls, seed=hp.seed, shuffle=train)
-            head = [shard_list] + ([stages.split_by_node(self.rank, self.world_size), stages.split_by_worker] if train else [])
+            head = [shard_list] + ([stages.SplitByNode(self.rank, self.world_size), stages.split_by_worker] if train else [])
         body = [
-            stages.tar_to_samples(counter),
-            stages.decode_samples(counter, rules, extra=self.extra_fields()),
+            stages.TarToSamples(counter),
+            stages.DecodeSamples(counter, rules, extra=self.extra_fields()),
         ]
         if train:
-            body.append(stages.shuffle_samples(hp.shuffle_buffer, hp.seed, self.rank))
+            body.append(stages.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
         else:
-            body.append(stages.take_strided(hp.val_samples, self.rank, self.world_size))
+            body.append(stages.TakeStrided(hp.val_samples, self.rank, self.world_size))
         body += [
-            stages.image_transform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed + self.rank),
-            wds.map(self.finish_sample),
+            stages.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed + self.rank),
+            *self.finish_stages(),
         ]
         batch_size = hp.batch_size if train else (hp.val_batch_size or hp.batch_size)
-        body.append(stages.batch_samples(batch_size, self.collate(counter), partial=not train))
+        body.append(stages.BatchSamples(batch_size, self.collate(counter), partial=not train))
         pipe = wds.DataPipeline(*head, *body)
         if train and hp.resampled and hp.epoch_samples:
             workers = max(1, self.loader.num_workers)
@@ -209,14 +272,4 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def _loader(self, urls: list[str], *, train: bool) -> DataLoader:
         pipe, shard_list = self.pipeline(urls, train=train)
-        cfg = self.loader
-        workers = cfg.num_workers
-        return EpochLoader(
-            pipe,
-            shard_list,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=cfg.pin_memory,
-            persistent_workers=cfg.persistent_workers and workers > 0,
-            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-        )
+        return EpochLoader(pipe, shard_list, **self.loader.loader_kwargs())

@@ -4,8 +4,12 @@ A pipeline reads as the list in `STYLE.md`:
 shard list -> deterministic shuffle seeded by (seed, epoch) -> split by node -> split by worker
 -> tar to samples without throwing (count and skip) -> decode -> filter -> augment -> batch.
 
-Each stage is a generator function `stage(src) -> iterator` (or a factory returning one), so a
-pipeline is `wds.DataPipeline(stage_a, stage_b, ...)` and every stage can be tested alone.
+Each stage is a callable `stage(src) -> iterator`: a module-level generator function, or an
+instance of a small class holding the stage's settings. So a pipeline is
+`wds.DataPipeline(stage_a, stage_b, ...)`, every stage can be tested alone, and a whole pipeline
+pickles: DataLoader workers started by `spawn` / `forkserver` (macOS, Windows, or Linux by
+choice: `LoaderConfig.multiprocessing_context`) receive it by pickling. Stages that share a
+`SkipCounter` still share it in the worker (pickle keeps shared references).
 """
 
 from __future__ import annotations
@@ -149,19 +153,15 @@ class ResampledShards(IterableDataset):
             yield {"url": rng.choice(self.urls)}
 
 
-def resampled_shards(urls: list[str], seed: int) -> ResampledShards:
-    """Endless, (seed, epoch)-deterministic sampling of shards with replacement."""
-    return ResampledShards(urls, seed=seed)
-
-
-def split_by_node(rank: int, world_size: int) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class SplitByNode:
     """Keep every `world_size`-th item starting at `rank` (taken in the main process: loader
     workers must not query torch.distributed themselves)."""
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
-        return itertools.islice(src, rank, None, world_size)
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
 
-    return stage
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        return itertools.islice(src, self.rank, None, self.world_size)
 
 
 def split_by_worker(src: Iterable[Sample]) -> Iterator[Sample]:
@@ -170,26 +170,25 @@ def split_by_worker(src: Iterable[Sample]) -> Iterator[Sample]:
     return itertools.islice(src, wid, None, n)
 
 
-def tar_to_samples(counter: SkipCounter) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class TarToSamples:
     """Open shards and group files by key; a truncated or unreadable tar is counted, not raised."""
 
-    seen: set[str] = set()
+    def __init__(self, counter: SkipCounter) -> None:
+        self.counter, self.seen = counter, set[str]()
 
-    def handler(exn: Exception) -> bool:
+    def handler(self, exn: Exception) -> bool:
         # webdataset may report one broken shard twice (member read, then the tar stream):
         # count each shard once.
         text = str(exn)
         match = re.search(r"name='([^']+)'", text)
         shard = match.group(1) if match else text
-        if shard not in seen:
-            seen.add(shard)
-            counter.skip("unreadable_tar", shard)
+        if shard not in self.seen:
+            self.seen.add(shard)
+            self.counter.skip("unreadable_tar", shard)
         return True
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
-        return wds.tariterators.tarfile_samples(src, handler=handler)
-
-    return stage
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        return wds.tariterators.tarfile_samples(src, handler=self.handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +202,7 @@ class CaptionRules:
     required: bool = True
 
 
-def decode_samples(
-    counter: SkipCounter, rules: CaptionRules | None = None, extra: tuple[str, ...] = ()
-) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class DecodeSamples:
     """Raw tar members -> {"key", "image": PIL RGB, "caption": str, "meta": dict, **extra}.
 
     Samples with a missing/undecodable image or a missing/empty/over-long/non-UTF-8 caption are
@@ -213,9 +210,11 @@ def decode_samples(
     through as raw bytes for a later stage to decode.
     """
 
-    rules = rules or CaptionRules()
+    def __init__(self, counter: SkipCounter, rules: CaptionRules | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.counter, self.rules, self.extra = counter, rules or CaptionRules(), tuple(extra)
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        counter, rules = self.counter, self.rules
         for raw in src:
             key = raw.get("__key__", "?")
             where = f"{key} in {raw.get('__url__', '?')}"
@@ -246,15 +245,13 @@ def decode_samples(
                 counter.skip("empty_caption", where)
                 continue
             sample: Sample = {"key": key, "image": image, "caption": caption}
-            for name in extra:
+            for name in self.extra:
                 if name not in raw:
                     counter.skip(f"missing_{name}", where)
                     break
                 sample[name] = raw[name]
             else:
                 yield sample
-
-    return stage
 
 
 class SampleShuffle:
@@ -286,11 +283,6 @@ class SampleShuffle:
         yield from buf
 
 
-def shuffle_samples(bufsize: int, seed: int, rank: int = 0) -> SampleShuffle:
-    """Reservoir shuffle stage seeded by (seed, rank, worker, epoch)."""
-    return SampleShuffle(bufsize, seed, rank)
-
-
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the short side to `size` (bicubic, antialiased) and centre-crop a square."""
     w, h = image.size
@@ -309,36 +301,47 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def image_transform(size: int, hflip: bool = False, seed: int = 0) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class ImageTransform:
     """Resize / centre crop, optional horizontal flip, normalise to [-1, 1].
 
     Flips are off by default: they would make `to the left of` captions false.
     """
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
-        rng = random.Random(f"flip-{seed}-{worker_and_count()[0]}")
+    def __init__(self, size: int, hflip: bool = False, seed: int = 0) -> None:
+        self.size, self.hflip, self.seed = size, hflip, seed
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        rng = random.Random(f"flip-{self.seed}-{worker_and_count()[0]}")
         for sample in src:
-            image = resize_center_crop(sample["image"], size)
-            if hflip and rng.random() < 0.5:
+            image = resize_center_crop(sample["image"], self.size)
+            if self.hflip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             yield {**sample, "image": to_tensor(image)}
 
-    return stage
 
-
-def take_strided(limit: int, rank: int = 0, world_size: int = 1) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class TakeStrided:
     """Fixed-size evaluation split: the first `limit` samples in shard order, dealt out round
     robin over ranks x workers so every sample is seen exactly once whatever the topology."""
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
-        rank_, world = rank, world_size
+    def __init__(self, limit: int, rank: int = 0, world_size: int = 1) -> None:
+        self.limit, self.rank, self.world_size = limit, rank, world_size
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
         wid, nw = worker_and_count()
-        slot, slots = rank_ * nw + wid, world * nw
-        for i, sample in enumerate(itertools.islice(src, limit)):
+        slot, slots = self.rank * nw + wid, self.world_size * nw
+        for i, sample in enumerate(itertools.islice(src, self.limit)):
             if i % slots == slot:
                 yield sample
 
-    return stage
+
+class MapSamples:
+    """Apply `fn` to every sample (a picklable `wds.map`)."""
+
+    def __init__(self, fn: Callable[[Sample], Sample]) -> None:
+        self.fn = fn
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        return map(self.fn, src)
 
 
 def shape_signature(sample: Sample) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -390,15 +393,17 @@ class ShapeGuard:
         yield from (s for s in pending if self._keep(s))
 
 
-def batch_samples(
-    batch_size: int, collate: Callable[[list[Sample]], Sample], partial: bool = True
-) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+class BatchSamples:
     """Group samples into batches of `batch_size`, collated. Samples whose tensor shapes disagree
     with the stream's are dropped first (`ShapeGuard`); those drops are added to the batch's
     `skipped` counts, so every DataModule reports them without knowing about them. Without
     `partial`, a last incomplete batch is dropped (its skip counts travel with the batch before)."""
 
-    def stage(src: Iterable[Sample]) -> Iterator[Sample]:
+    def __init__(self, batch_size: int, collate: Callable[[list[Sample]], Sample], partial: bool = True) -> None:
+        self.batch_size, self.collate, self.partial = batch_size, collate, partial
+
+    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        batch_size, collate, partial = self.batch_size, self.collate, self.partial
         counter = SkipCounter()
 
         def emit(samples: list[Sample]) -> Sample:
@@ -426,8 +431,6 @@ def batch_samples(
             held = batch
         if held is not None:
             yield emit(held)
-
-    return stage
 
 
 def stack_fields(samples: list[Sample]) -> Sample:

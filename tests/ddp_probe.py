@@ -188,6 +188,10 @@ def run_stage(stage: str, data: dict[str, str], root: Path, *, devices: int, bat
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / stage}",
         f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
     ]
+    if workers:
+        # Workers forked by a forkserver, not by this multi-threaded rank: a fork from a threaded
+        # process deadlocked a worker once on CPython 3.11.7 (python/cpython#112275).
+        args.append("--data.multiprocessing_context=forkserver")
     cli = UnclipCLI(args=args, run=False)
     probe = Probe()
     cli.trainer.callbacks.append(probe)

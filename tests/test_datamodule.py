@@ -1,8 +1,10 @@
-"""ImageTextDataModule: round trip, bad samples, sharding over ranks x workers, errors."""
+"""ImageTextDataModule: round trip, bad samples, sharding over ranks x workers, pickled pipelines
+and spawned workers, errors."""
 
 from __future__ import annotations
 
 import itertools
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from datamodules import stages
-from datamodules.image_text import ImageTextDataModule
+from datamodules.image_text import ImageTextDataModule, LoaderConfig
 from tests.conftest import png_bytes, sample_members, write_tar
 
 
@@ -48,7 +50,10 @@ def test_tokens_are_open_clip_ids(tiny_shards):
     assert (batch["tokens"][:, 0] == 49406).all()  # start-of-text
 
 
-def test_bad_samples_skipped_and_counted(tmp_path: Path):
+@pytest.mark.parametrize("pickled", [False, True], ids=["as_built", "pickled"])
+def test_bad_samples_skipped_and_counted(tmp_path: Path, pickled: bool):
+    """Each bad sample is skipped and counted once; a pickled pipeline (what a spawned worker
+    runs) still reports the counts, so its stages still share one counter."""
     good = np.full((16, 16, 3), 7, np.uint8)
     members = sample_members("a", good, "fine")
     members += [("b.png", b"not a png at all"), ("b.txt", b"bad image")]
@@ -64,9 +69,10 @@ def test_bad_samples_skipped_and_counted(tmp_path: Path):
     cut = data.find(b"i.png") + 512 + 40  # inside the second sample's PNG bytes
     (tmp_path / "s-000001.tar").write_bytes(data[:cut])
     dm = _dm(str(tmp_path / "s-{000000..000001}.tar"), batch_size=1, shuffle_buffer=0)
+    loader = dm.train_dataloader()
     skipped: dict[str, int] = {}
     keys = []
-    for batch in dm.train_dataloader():
+    for batch in pickle.loads(pickle.dumps(loader.dataset)) if pickled else loader:
         keys += batch["key"]
         for reason, n in batch["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
@@ -96,6 +102,28 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers(tiny_shards):
         assert sorted(keys) == sorted(truth), "every sample exactly once per epoch"
         per_epoch.append(keys)
     assert per_epoch[0] != per_epoch[1], "the (seed, epoch) shuffle changes the order between epochs"
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawned_workers_give_the_forked_batches(tiny_shards, method: str):
+    """The pipeline pickles, tokenizer and all: loader workers started by `spawn` or a forkserver
+    yield exactly the batches forked ones do (keys, pixels, tokens)."""
+    pattern, _ = tiny_shards
+    runs = {}
+    for context in (None, method):
+        dm = _dm(pattern, tokenizer="ViT-B-32", num_workers=2, seed=1, shuffle_buffer=4, multiprocessing_context=context)
+        runs[context] = list(dm.train_dataloader())
+    forked, spawned = runs[None], runs[method]
+    assert len(forked) == len(spawned) == 6  # 2 workers x 2 shards x 6 samples / batch 4
+    for a, b in zip(forked, spawned):
+        assert a["key"] == b["key"]
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+        torch.testing.assert_close(a["tokens"], b["tokens"], rtol=0, atol=0)
+
+
+def test_unknown_start_method_is_one_clear_error():
+    with pytest.raises(ValueError, match="multiprocessing_context: 'threads'"):
+        LoaderConfig(multiprocessing_context="threads")
 
 
 def test_shard_order_deterministic_in_seed_and_epoch():

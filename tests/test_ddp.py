@@ -1,7 +1,7 @@
 """Every stage trains with `strategy: ddp` on 2 CPU processes (gloo) from its tiny YAML.
 
 One `torchrun --nproc_per_node 2` launch trains all stages (`tests/ddp_probe.py`, 2 epochs each,
-2 loader workers per rank); the single-process reference runs here at the same global batch
+2 loader workers per rank, started by a forkserver); the single-process reference runs here at the same global batch
 (16 = 2 ranks x 8). Checked per stage: the first two steps' losses and all-reduced gradients
 match the single-process ones; every sample is seen exactly once per epoch across 2 ranks x 2
 workers (non-resampled mode); CLIP's loss is computed on features gathered from both ranks.

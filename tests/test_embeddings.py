@@ -4,6 +4,7 @@ EmbeddingDataModule; the decoder's image + embedding join by key (alignment, ski
 from __future__ import annotations
 
 import io
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -146,6 +147,24 @@ def test_image_join_is_aligned_under_shuffling(exported):
         torch.testing.assert_close(clip.encode_text(batch["tokens"]).embed, batch["text_embed"], atol=1e-5, rtol=0)
         seen += batch["key"]
     assert len(seen) == len(set(seen)) == 16  # as above: 2 workers drop their partial batch
+
+
+def test_embedding_pipelines_pickle(exported):
+    """The prior's and the decoder's pipelines pickle (workers started by spawn / forkserver get
+    them that way): a copy yields the same batches, the join reopening its shard files."""
+    shapes, emb, _ = exported
+    modules = [EmbeddingDataModule(str(emb / "train-*.tar"), str(emb / "val-*.tar"), val_samples=100),
+               _join_dm(shapes, emb)]
+    for dm in modules:
+        dm.setup("fit")
+        pipe = dm.val_dataloader().dataset
+        original, copy = list(pipe), list(pickle.loads(pickle.dumps(pipe)))
+        assert len(original) == len(copy) > 0
+        for a, b in zip(original, copy):
+            assert a.keys() == b.keys() and a["key"] == b["key"]
+            for name, value in a.items():
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(value, b[name], rtol=0, atol=0)
 
 
 def test_join_counts_missing_and_rejects_stale_embeddings(exported, tmp_path: Path):
