@@ -373,7 +373,7 @@ class ImageEmbeddingDataModule(ImageTextDataModule):
         return ("__url__",)  # the join needs the image shard each sample came from
 
     def finish_stages(self) -> list[Callable[[Any], Any]]:
-        return [stages.MapSamples(JoinEmbeddings(self.join))]
+        return [wds.map(JoinEmbeddings(self.join))]  # pickles, as its function does
 
     def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
         return JoinedBatch(super().collate(counter), counter, self.join.folder, self.pad_to)

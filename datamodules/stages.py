@@ -334,16 +334,6 @@ class TakeStrided:
                 yield sample
 
 
-class MapSamples:
-    """Apply `fn` to every sample (a picklable `wds.map`)."""
-
-    def __init__(self, fn: Callable[[Sample], Sample]) -> None:
-        self.fn = fn
-
-    def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
-        return map(self.fn, src)
-
-
 def shape_signature(sample: Sample) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The shapes a batch must agree on: 1-D tensors whole, longer ones after their first dim
     (a caption's token encodings (L, W) may differ in L, never in W)."""
