@@ -153,10 +153,9 @@ def test_embedding_pipelines_pickle(exported):
     """The prior's and the decoder's pipelines pickle (workers started by spawn / forkserver get
     them that way): a copy yields the same batches, the join reopening its shard files."""
     shapes, emb, _ = exported
-    modules = [EmbeddingDataModule(str(emb / "train-*.tar"), str(emb / "val-*.tar"), val_samples=100),
-               _join_dm(shapes, emb)]
-    for dm in modules:
-        dm.setup("fit")
+    prior_dm = EmbeddingDataModule(str(emb / "train-*.tar"), str(emb / "val-*.tar"), val_samples=100)
+    prior_dm.setup("fit")
+    for dm in (prior_dm, _join_dm(shapes, emb)):  # _join_dm has run setup
         pipe = dm.val_dataloader().dataset
         original, copy = list(pipe), list(pickle.loads(pickle.dumps(pipe)))
         assert len(original) == len(copy) > 0
