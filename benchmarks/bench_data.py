@@ -54,7 +54,7 @@ def write_photo_shards(out: Path, count: int, size: int = 256, seed: int = 0) ->
 
 
 def write_shapes_shards(out: Path, count: int) -> str:
-    from datamodules.shapes import ShapesConfig, write_shapes_dataset
+    from datamodules.shapes.dataset import ShapesConfig, write_shapes_dataset
 
     write_shapes_dataset(ShapesConfig(num_samples=count, size=64, shard_size=count, val_fraction=0.0), out, workers=1)
     return str(out / "train-*.tar")
@@ -62,10 +62,9 @@ def write_shapes_shards(out: Path, count: int) -> str:
 
 def loader_rate(shards: str, image_size: int, batch: int, images: int) -> dict[str, float]:
     """Images/s of one loader worker (in-process), by wall clock and by CPU time."""
-    from datamodules.image_text import ImageTextDataModule
+    from datamodules.image_text import ImageTextDataModule, LoaderConfig
 
-    dm = ImageTextDataModule(train_shards=shards, image_size=image_size, batch_size=batch, num_workers=0,
-                             resampled=True, epoch_samples=images, shuffle_buffer=100, tokenizer="ViT-B-32")
+    dm = ImageTextDataModule(train_shards=shards, image_size=image_size, resampled=True, epoch_samples=images, shuffle_buffer=100, tokenizer="ViT-B-32", loader=LoaderConfig(batch_size=batch, num_workers=0))
     dm.setup("fit")
     seen, it = 0, iter(dm.train_dataloader())
     next(it)  # open the shard, warm the tokenizer

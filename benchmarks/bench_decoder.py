@@ -105,7 +105,7 @@ def unit_embeds(batch: int, seed: int, device: torch.device) -> torch.Tensor:
 
 
 def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
-    from modules.decoder_module import DecoderModule
+    from modules.stages.decoder import DecoderModule
     from modules.diffusion.config import SamplingConfig
 
     sz = sizes(args.tiny)

@@ -27,11 +27,10 @@ from benchmarks.bench_data import write_shapes_shards
 
 def time_passes(shards: str, method: str, epochs: int, workers: int, batch: int) -> list[dict[str, float]]:
     """Per epoch: seconds to the first batch and to the end of the pass."""
-    from datamodules.image_text import ImageTextDataModule
+    from datamodules.image_text import ImageTextDataModule, LoaderConfig
 
     context = None if method == "fork" else method
-    dm = ImageTextDataModule(train_shards=shards, image_size=32, batch_size=batch, num_workers=workers,
-                             shuffle_buffer=100, tokenizer="ViT-B-32", multiprocessing_context=context)
+    dm = ImageTextDataModule(train_shards=shards, image_size=32, shuffle_buffer=100, tokenizer="ViT-B-32", loader=LoaderConfig(batch_size=batch, num_workers=workers, multiprocessing_context=context))
     dm.setup("fit")
     loader, out = dm.train_dataloader(), []
     for _ in range(epochs):

@@ -88,7 +88,7 @@ def inputs(tiny: bool, batch: int, seed: int, device: torch.device, real_tokens:
 # ------------------------------------------------------------------------------ the two sides
 def build_ours(args: argparse.Namespace, device: torch.device) -> Built:
     from modules.diffusion.config import Clipping, SamplingConfig
-    from modules.prior_module import PriorModule
+    from modules.stages.prior import PriorModule
 
     sz = sizes(args.tiny)
     hidden = args.mlp_hidden or 4 * sz.embed_dim

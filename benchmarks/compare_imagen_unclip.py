@@ -7,7 +7,7 @@
 `--imagen` is an Imagen pipeline directory or a base-model checkpoint; `--unclip` an unCLIP
 pipeline directory (optional: without it only the Imagen grid and scores are written). Each
 system generates one image per (prompt, seed) with `pipe.generate(prompts, 1, seed=s)`, and every
-image is scored by the deterministic compositional evaluator (`modules.shapes_evaluator`:
+image is scored by the deterministic compositional evaluator (`modules.evaluation.shapes_evaluator`:
 single-object accuracy, two-object binding accuracy with and without the relation) and by CLIP
 score (100 x cosine of image and caption embeddings): `clip_score_own` with the unCLIP pipeline's
 own CLIP, which favours unCLIP (its decoder was trained on those embeddings), and `clip_score` with
@@ -32,7 +32,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.diffusion.config import Clipping, Sampler  # noqa: E402
-from modules.shapes_evaluator import accuracy_table, evaluate_image  # noqa: E402
+from modules.evaluation.shapes_evaluator import accuracy_table, evaluate_image  # noqa: E402
 
 # A fixed probe set: every colour and shape alone, and two-object scenes with every relation.
 DEFAULT_PROMPTS = [
@@ -47,7 +47,7 @@ Generate = Callable[[list[str], int], Tensor]  # (prompts, seed) -> (B, 3, H, W)
 
 
 def load_imagen(path: str, upsamplers: list[str], overrides: dict[str, Any], up_overrides: dict[str, Any]) -> Generate:
-    from modules.imagen_pipeline import ImagenGenerateConfig, ImagenPipeline
+    from modules.pipelines.imagen import ImagenGenerateConfig, ImagenPipeline
 
     pipe = ImagenPipeline.from_checkpoints(path, upsamplers) if path.endswith(".ckpt") else ImagenPipeline.load(path)
     cfg = ImagenGenerateConfig(base_sampling=dataclasses.replace(pipe.base.sampling, **overrides),
@@ -56,7 +56,7 @@ def load_imagen(path: str, upsamplers: list[str], overrides: dict[str, Any], up_
 
 
 def load_unclip(path: str, overrides: dict[str, Any], up_overrides: dict[str, Any]) -> tuple[Generate, Any]:
-    from modules.pipeline import GenerateConfig, UnCLIPPipeline
+    from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
 
     pipe = UnCLIPPipeline.load(path)
     cfg = GenerateConfig(decoder_sampling=dataclasses.replace(pipe.decoder.sampling, **overrides),
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         from modules.networks.clip import FrozenCLIP
 
         clips["clip_score"] = FrozenCLIP(a.clip_model, a.clip_weights)
-    from modules.pipeline_commands import save_images
+    from modules.core.images import save_images
 
     report: dict[str, Any] = {"prompts": prompts, "seeds": a.seeds, "budget": a.budget, "sampling_overrides": {k: str(v) for k, v in overrides.items()}, "systems": {}}
     for name, generate in systems.items():
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         report["systems"][name] = result["table"]
         (a.out / name).mkdir(parents=True, exist_ok=True)
         (a.out / name / "rows.json").write_text(json.dumps(result["rows"], indent=1))
-        save_images(images, a.out / name, len(prompts), len(a.seeds))
+        save_images(images, a.out / name, len(a.seeds))
         print(f"{name:>7}: {json.dumps(result['table'])}")
     (a.out / "comparison.json").write_text(json.dumps(report, indent=2))
     table = markdown(report["systems"], a.budget, len(prompts), a.seeds)

@@ -30,8 +30,8 @@ EVAL_TIMESTEPS = (50, 250, 500, 750, 950)
 
 def shapes_images(n: int, size: int, seed: int) -> torch.Tensor:
     """(n, 3, size, size) shapes scenes in [-1, 1] (datamodules.shapes' renderer, no files)."""
-    from datamodules.shapes import render_sample
-    from datamodules.stages import to_tensor
+    from datamodules.shapes.dataset import render_sample
+    from datamodules.steps import to_tensor
 
     rng = np.random.default_rng(seed)
     return torch.stack([to_tensor(render_sample(rng, size)[0]) for _ in range(n)])

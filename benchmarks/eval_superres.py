@@ -25,9 +25,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from datamodules.image_text import ImageTextDataModule  # noqa: E402
-from modules.decoder_module import to_unit  # noqa: E402
+from datamodules.image_text import LoaderConfig
+from modules.core.images import to_unit  # noqa: E402
 from modules.diffusion.config import SamplingConfig  # noqa: E402
-from modules.superres_module import SuperResModule, bicubic_upsample  # noqa: E402
+from modules.stages.superres import SuperResModule, bicubic_upsample  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     module = SuperResModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
     sampling = module.sampling if args.steps is None else dataclasses.replace(module.sampling, steps=args.steps)
-    dm = ImageTextDataModule(
-        train_shards=args.shards, val_shards=args.shards, image_size=module.unet.config.image_size,
-        batch_size=args.batch_size, num_workers=0, val_samples=args.num_images, tokenizer=None,
-    )
+    dm = ImageTextDataModule(train_shards=args.shards, val_shards=args.shards, image_size=module.unet.config.image_size, val_samples=args.num_images, tokenizer=None, loader=LoaderConfig(batch_size=args.batch_size, num_workers=0))
     dm.setup("validate")
     result = evaluate(module, dm.val_dataloader(), args.num_images, sampling, args.aug_level, args.seed)
     result.update(

@@ -308,8 +308,8 @@ def preload(side: Side) -> None:
     if side is Side.THEIRS:
         import dalle2_pytorch  # noqa: F401
     else:
-        import modules.decoder_module  # noqa: F401
-        import modules.prior_module  # noqa: F401
+        import modules.stages.decoder  # noqa: F401
+        import modules.stages.prior  # noqa: F401
 
 
 def quiet_warnings() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import COMPILE_MODES, parse_result
-from modules.files import write_text_atomic
+from modules.core.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"

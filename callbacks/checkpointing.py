@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from modules.safe_load import CheckpointReadError, UnsafeCheckpointError, safe_torch_load  # noqa: F401
+
+from modules.core.errors import UnsafeCheckpointError
+from modules.core.safe_load import safe_torch_load
 
 
 def _is_remote(path: str) -> bool:

@@ -4,7 +4,7 @@
   optimizer-moment update), counted, and training stops with one clear message after
   `max_consecutive` such steps in a row.
 - `DataHealth`: sums the `batch["skipped"]` counts the data pipeline attaches to every batch
-  (`datamodules.stages.SkipCounter`) by reason, over all ranks, and logs/prints a summary at the
+  (`datamodules.steps.SkipCounter`) by reason, over all ranks, and logs/prints a summary at the
   end of every training epoch (and at the end of a run stopped mid-epoch by `max_steps`).
 - `PreemptionCheckpoint`: on SIGTERM (cluster pre-emption, `scancel`, `kill`) saves `last.ckpt`
   before the process exits. Lightning's own signal connector catches SIGTERM, forwards it to the
@@ -30,10 +30,12 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from modules.core.errors import RunStopped
+
 log = logging.getLogger("unclip.reliability")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """Training produced non-finite losses/gradients too many steps in a row."""
 
 

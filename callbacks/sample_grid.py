@@ -1,6 +1,6 @@
 """`SampleGrid`: fixed-condition, fixed-seed sample grids from any stage's `log_images`.
 
-Image helpers (`tile`, `save_png`, `log_to_logger`) are shared with `unclip evaluate`.
+Image helpers live in `modules.core.images`.
 """
 
 from __future__ import annotations
@@ -14,34 +14,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from PIL import Image
 from torch import Tensor
 
+from modules.core.images import save_png, tile, to_uint8
+
 log = logging.getLogger(__name__)
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def tile(images: Tensor, nrow: int, pad: int = 2, pad_value: float = 0.5) -> Tensor:
-    """(B, 3, H, W) -> one (3, rows*(H+pad)+pad, nrow*(W+pad)+pad) image, row-major."""
-    b, c, h, w = images.shape
-    rows = max(1, -(-b // nrow))
-    out = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=images.dtype)
-    for i in range(b):
-        r, k = divmod(i, nrow)
-        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = images[i].cpu()
-    return out
-
-
-def save_png(image: Tensor, path: str | Path) -> Path:
-    """Save one (3, H, W) image in [0, 1] as PNG (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image[None])[0]).save(path)
-    return path
 
 
 def image_sets(out: dict[str, Any]) -> dict[str, Tensor]:

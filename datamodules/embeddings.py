@@ -27,6 +27,7 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -38,10 +39,11 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules import stages
+from datamodules import steps
 from datamodules.image_text import EpochLoader, ImageTextDataModule, LoaderConfig, tokenizer_by_name
-from datamodules.stages import Sample
-from modules.files import write_text_atomic
+from datamodules.steps import Sample
+from modules.core.errors import DataError
+from modules.core.files import write_text_atomic
 
 META_FILE = "meta.json"
 EMBED_FIELDS = ("image_embed", "text_embed", "text_tokens", "text_mask")
@@ -56,7 +58,7 @@ class Member(str, Enum):
     CAPTION = "txt"
 
 
-class EmbeddingJoinError(ValueError):
+class EmbeddingJoinError(DataError):
     """Image and embedding shards disagree (a stale or foreign embedding folder)."""
 
 
@@ -126,7 +128,7 @@ def pad_tokens(tokens: list[Tensor], pad_to: int | None = None) -> tuple[Tensor,
 def collate_embeddings(samples: list[Sample], pad_to: int | None = None) -> Sample:
     """Stack embedding samples; variable-length token encodings are padded with a mask."""
     tokens = [s.pop("text_tokens") for s in samples]
-    batch = stages.stack_fields(samples)
+    batch = steps.stack_fields(samples)
     batch["text_tokens"], batch["text_mask"] = pad_tokens(tokens, pad_to)
     return batch
 
@@ -176,19 +178,19 @@ class ExportBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         tokenize = tokenizer_by_name(self.tokenizer)
-        for url in stages.split_by_worker(self.urls):
-            counter, name, count = stages.SkipCounter(), Path(url).name, 0
+        for url in steps.split_by_worker(self.urls):
+            counter, name, count = steps.SkipCounter(), Path(url).name, 0
 
             def collate(samples: list[Sample]) -> Sample:
-                batch = stages.stack_fields(samples)
+                batch = steps.stack_fields(samples)
                 return {**batch, "tokens": tokenize(batch["caption"]), "shard": name}
 
             pipe = wds.DataPipeline(
-                stages.ShardList([url], shuffle=False),
-                stages.TarToSamples(counter),
-                stages.DecodeSamples(counter),
-                stages.ImageTransform(self.image_size),
-                stages.BatchSamples(self.batch_size, collate),
+                steps.ShardList([url], shuffle=False),
+                steps.TarToSamples(counter),
+                steps.DecodeSamples(counter),
+                steps.ImageTransform(self.image_size),
+                steps.BatchSamples(self.batch_size, collate),
             )
             for batch in pipe:
                 count += len(batch["key"])
@@ -202,7 +204,7 @@ class ExportBatches(IterableDataset):
 class DecodeEmbeddings:
     """Raw tar members -> decoded embedding samples; incomplete samples are counted and skipped."""
 
-    def __init__(self, counter: stages.SkipCounter) -> None:
+    def __init__(self, counter: steps.SkipCounter) -> None:
         self.counter = counter
 
     def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
@@ -218,7 +220,7 @@ class EmbeddingBatch:
     """Collate of embedding samples (`collate_embeddings`) with the `skipped` counts since the
     previous batch of this worker."""
 
-    def __init__(self, counter: stages.SkipCounter, pad_to: int | None) -> None:
+    def __init__(self, counter: steps.SkipCounter, pad_to: int | None) -> None:
         self.counter, self.pad_to = counter, pad_to
 
     def __call__(self, samples: list[Sample]) -> Sample:
@@ -235,30 +237,25 @@ class EmbeddingDataModule(pl.LightningDataModule):
         self,
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        loader: LoaderConfig | None = None,
         seed: int = 0,
         resampled: bool = False,
         epoch_samples: int | None = None,
         shuffle_buffer: int = 1000,
         val_samples: int = 1024,
-        val_batch_size: int | None = None,
         pad_to: int | None = None,
-        multiprocessing_context: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers,
-                                   multiprocessing_context=multiprocessing_context)
+        self.loader = loader or LoaderConfig(batch_size=64)
+        self.save_hyperparameters(ignore=["loader"])
+        self.hparams["loader"] = asdict(self.loader)  # plain data: checkpoints load with weights_only=True
         self.rank, self.world_size = 0, 1
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
-        self.train_urls = stages.expand_shards(self.hparams.train_shards)
-        self.val_urls = stages.expand_shards(self.hparams.val_shards) if self.hparams.val_shards else []
+        self.train_urls = steps.expand_shards(self.hparams.train_shards)
+        self.val_urls = steps.expand_shards(self.hparams.val_shards) if self.hparams.val_shards else []
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)
@@ -266,21 +263,21 @@ class EmbeddingDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_urls, train=False) if self.val_urls else []
 
-    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, stages.ShardList | None]:
-        hp, counter, shard_list = self.hparams, stages.SkipCounter(), None
+    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, steps.ShardList | None]:
+        hp, counter, shard_list = self.hparams, steps.SkipCounter(), None
         if train and hp.resampled:
-            head = [stages.ResampledShards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
+            head = [steps.ResampledShards(urls, seed=hp.seed + self.rank), steps.split_by_worker]
         else:
-            shard_list = stages.ShardList(urls, seed=hp.seed, shuffle=train)
-            head = [shard_list] + ([stages.SplitByNode(self.rank, self.world_size), stages.split_by_worker] if train else [])
-        body = [stages.TarToSamples(counter), DecodeEmbeddings(counter)]
+            shard_list = steps.ShardList(urls, seed=hp.seed, shuffle=train)
+            head = [shard_list] + ([steps.SplitByNode(self.rank, self.world_size), steps.split_by_worker] if train else [])
+        body = [steps.TarToSamples(counter), DecodeEmbeddings(counter)]
         if train:
-            body.append(stages.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
+            body.append(steps.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
         else:
-            body.append(stages.TakeStrided(hp.val_samples, self.rank, self.world_size))
-        batch_size = hp.batch_size if train else (hp.val_batch_size or hp.batch_size)
+            body.append(steps.TakeStrided(hp.val_samples, self.rank, self.world_size))
+        batch_size = self.loader.batch(train)
         collate = EmbeddingBatch(counter, hp.pad_to)
-        pipe = wds.DataPipeline(*head, *body, stages.BatchSamples(batch_size, collate, partial=not train))
+        pipe = wds.DataPipeline(*head, *body, steps.BatchSamples(batch_size, collate, partial=not train))
         if train and hp.resampled and hp.epoch_samples:
             pipe = pipe.with_epoch(max(1, hp.epoch_samples // (batch_size * max(1, self.loader.num_workers))))
         return pipe, shard_list
@@ -372,10 +369,10 @@ class ImageEmbeddingDataModule(ImageTextDataModule):
     def extra_fields(self) -> tuple[str, ...]:
         return ("__url__",)  # the join needs the image shard each sample came from
 
-    def finish_stages(self) -> list[Callable[[Any], Any]]:
+    def finish_steps(self) -> list[Callable[[Any], Any]]:
         return [wds.map(JoinEmbeddings(self.join))]  # pickles, as its function does
 
-    def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
+    def collate(self, counter: steps.SkipCounter) -> Callable[[list[Sample]], Sample]:
         return JoinedBatch(super().collate(counter), counter, self.join.folder, self.pad_to)
 
 
@@ -403,7 +400,7 @@ class JoinedBatch:
     """Collate of joined samples: those marked `missing_embedding` counted and dropped, the rest
     collated by `base` with their caption token encodings padded (`text_tokens`, `text_mask`)."""
 
-    def __init__(self, base: Callable[[list[Sample]], Sample], counter: stages.SkipCounter, folder: Path,
+    def __init__(self, base: Callable[[list[Sample]], Sample], counter: steps.SkipCounter, folder: Path,
                  pad_to: int | None) -> None:
         self.base, self.counter, self.folder, self.pad_to = base, counter, folder, pad_to
 

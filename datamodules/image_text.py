@@ -2,14 +2,14 @@
 
 Batches are dicts: `image` (B, 3, S, S) in [-1, 1], `tokens` (B, context_length) open_clip token
 ids, `caption` list[str], `key` list[str], `skipped` {reason: count} since the last batch of the
-same loader worker (see `stages.SkipCounter`).
+same loader worker (see `steps.SkipCounter`).
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -17,15 +17,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from datamodules import stages
-from datamodules.stages import Sample
+from datamodules import steps
+from datamodules.steps import Sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoaderConfig:
-    """DataLoader settings shared by every DataModule."""
+    """DataLoader settings shared by every DataModule (`data.init_args.loader` in YAML)."""
 
     batch_size: int = 32
+    val_batch_size: int | None = None  # None: batch_size
     num_workers: int = 2
     pin_memory: bool = False
     persistent_workers: bool = False
@@ -35,9 +36,19 @@ class LoaderConfig:
     multiprocessing_context: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "val_batch_size", "prefetch_factor"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"loader.{name}: must be a positive integer, got {value!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"loader.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         methods = multiprocessing.get_all_start_methods()
         if self.multiprocessing_context is not None and self.multiprocessing_context not in methods:
-            raise ValueError(f"multiprocessing_context: {self.multiprocessing_context!r} is not one of {methods}")
+            raise ValueError(f"loader.multiprocessing_context: {self.multiprocessing_context!r} is not one of {methods}")
+
+    def batch(self, train: bool) -> int:
+        """Samples per batch of the training or the validation loader."""
+        return self.batch_size if train else (self.val_batch_size or self.batch_size)
 
     def loader_kwargs(self) -> dict[str, Any]:
         """DataLoader keyword arguments (batching is the pipeline's: `batch_size=None`)."""
@@ -77,16 +88,16 @@ def start_context(method: str | None) -> multiprocessing.context.BaseContext | N
 FETCH_AHEAD = 1
 
 
-def epoch_stages(dataset: Any) -> list[Any]:
-    """The stages of a WebDataset pipeline whose stream depends on the epoch (`set_epoch`)."""
-    stages_ = [dataset, *getattr(dataset, "pipeline", [])]
-    return [s for s in stages_ if callable(getattr(s, "set_epoch", None))]
+def epoch_steps(dataset: Any) -> list[Any]:
+    """The steps of a WebDataset pipeline whose stream depends on the epoch (`set_epoch`)."""
+    steps_ = [dataset, *getattr(dataset, "pipeline", [])]
+    return [s for s in steps_ if callable(getattr(s, "set_epoch", None))]
 
 
 class EpochLoader(DataLoader):
     """A DataLoader over a WebDataset pipeline that knows its epoch and can resume mid-epoch.
 
-    Before each pass it tells every epoch-aware stage (shard shuffle, resampler, sample shuffle)
+    Before each pass it tells every epoch-aware step (shard shuffle, resampler, sample shuffle)
     the epoch, so a pass is a deterministic function of (seed, epoch, rank, world size,
     num_workers). It is Lightning-`_Stateful`: `state_dict()` is the data position -- the epoch in
     progress and the number of batches the training loop has consumed -- and after
@@ -96,10 +107,10 @@ class EpochLoader(DataLoader):
     world size and num_workers are those of the interrupted run.
     """
 
-    def __init__(self, dataset: Any, shard_list: stages.ShardList | None = None, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, shard_list: steps.ShardList | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
-        found = epoch_stages(dataset)
-        self._epoch_stages = found + ([shard_list] if shard_list is not None and shard_list not in found else [])
+        found = epoch_steps(dataset)
+        self._epoch_steps = found + ([shard_list] if shard_list is not None and shard_list not in found else [])
         self.epoch = 0
         self._passes = 0  # passes started (0: not iterated yet)
         self._yielded = 0  # batches handed out in the current pass (replayed ones included)
@@ -108,8 +119,8 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):  # type: ignore[override]
         epoch, skip = self.epoch, self._skip
-        for stage in self._epoch_stages:
-            stage.set_epoch(epoch)
+        for step in self._epoch_steps:
+            step.set_epoch(epoch)
         self.epoch, self._skip, self._passes = epoch + 1, 0, self._passes + 1
         self._yielded, self._exhausted = skip, False
         return self._batches(super().__iter__(), skip)
@@ -145,13 +156,13 @@ def tokenizer_by_name(name: str) -> Callable[[list[str]], torch.Tensor]:
 
 
 class CaptionBatch:
-    """Collate: fields stacked (`stages.stack_fields`), the captions' open_clip `tokens` (when a
+    """Collate: fields stacked (`steps.stack_fields`), the captions' open_clip `tokens` (when a
     tokenizer is named) and the `skipped` counts since the previous batch of this worker.
 
     Pickles by the tokenizer's name: a loader worker started by spawn / forkserver builds its own.
     """
 
-    def __init__(self, counter: stages.SkipCounter, tokenizer: str | None,
+    def __init__(self, counter: steps.SkipCounter, tokenizer: str | None,
                  tokenize: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         self.counter, self.tokenizer, self._tokenize = counter, tokenizer, tokenize
 
@@ -159,7 +170,7 @@ class CaptionBatch:
         return {**self.__dict__, "_tokenize": None}
 
     def __call__(self, samples: list[Sample]) -> Sample:
-        batch = stages.stack_fields(samples)
+        batch = steps.stack_fields(samples)
         if self.tokenizer is not None:
             if self._tokenize is None:
                 self._tokenize = tokenizer_by_name(self.tokenizer)
@@ -181,8 +192,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         tokenizer: open_clip model name whose tokenizer encodes captions (None: no tokens).
         hflip: random horizontal flips (off: they falsify left/right captions).
         allow_pipe: allow `pipe:` shard URLs (they run shell commands).
-        multiprocessing_context: how loader workers start (`LoaderConfig`; None: the platform's
-            default, "spawn" / "forkserver" also work: the pipeline pickles).
+        loader: batch sizes, workers and how they start (`LoaderConfig`; its
+            `multiprocessing_context` "spawn" / "forkserver" work too: the pipeline pickles).
     """
 
     def __init__(
@@ -190,26 +201,21 @@ class ImageTextDataModule(pl.LightningDataModule):
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
         image_size: int = 64,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        loader: LoaderConfig | None = None,
         seed: int = 0,
         resampled: bool = False,
         epoch_samples: int | None = None,
         shuffle_buffer: int = 1000,
         val_samples: int = 256,
-        val_batch_size: int | None = None,
         tokenizer: str | None = "ViT-B-32",
         hflip: bool = False,
         max_caption_bytes: int = 4096,
         allow_pipe: bool = False,
-        multiprocessing_context: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.loader = LoaderConfig(batch_size, num_workers, pin_memory, persistent_workers,
-                                   multiprocessing_context=multiprocessing_context)
+        self.loader = loader or LoaderConfig()
+        self.save_hyperparameters(ignore=["loader"])
+        self.hparams["loader"] = asdict(self.loader)  # plain data: checkpoints load with weights_only=True
         self._tokenizer = tokenizer_by_name(tokenizer) if tokenizer else None  # an unknown name fails here
         self.rank, self.world_size = 0, 1
 
@@ -218,9 +224,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         # Fail early, in the main process, with one line naming the pattern.
-        self.train_urls = stages.expand_shards(self.hparams.train_shards, allow_pipe=self.hparams.allow_pipe)
+        self.train_urls = steps.expand_shards(self.hparams.train_shards, allow_pipe=self.hparams.allow_pipe)
         val = self.hparams.val_shards
-        self.val_urls = stages.expand_shards(val, allow_pipe=self.hparams.allow_pipe) if val else []
+        self.val_urls = steps.expand_shards(val, allow_pipe=self.hparams.allow_pipe) if val else []
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)
@@ -233,37 +239,37 @@ class ImageTextDataModule(pl.LightningDataModule):
         """Further tar members each sample must carry (subclasses join embeddings by key)."""
         return ()
 
-    def finish_stages(self) -> list[Callable[[Any], Any]]:
-        """Pipeline stages after the image transform (subclasses join extra fields); picklable."""
+    def finish_steps(self) -> list[Callable[[Any], Any]]:
+        """Pipeline steps after the image transform (subclasses join extra fields); picklable."""
         return []
 
-    def collate(self, counter: stages.SkipCounter) -> Callable[[list[Sample]], Sample]:
+    def collate(self, counter: steps.SkipCounter) -> Callable[[list[Sample]], Sample]:
         """The batch collate (picklable): see `CaptionBatch`."""
         return CaptionBatch(counter, self.hparams.tokenizer, self._tokenizer)
 
-    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, stages.ShardList | None]:
-        hp, counter = self.hparams, stages.SkipCounter()
-        rules = stages.CaptionRules(max_bytes=hp.max_caption_bytes)
+    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, steps.ShardList | None]:
+        hp, counter = self.hparams, steps.SkipCounter()
+        rules = steps.CaptionRules(max_bytes=hp.max_caption_bytes)
         shard_list = None
         if train and hp.resampled:
-            head = [stages.ResampledShards(urls, seed=hp.seed + self.rank), stages.split_by_worker]
+            head = [steps.ResampledShards(urls, seed=hp.seed + self.rank), steps.split_by_worker]
         else:
-            shard_list = stages.ShardList(urls, seed=hp.seed, shuffle=train)
-            head = [shard_list] + ([stages.SplitByNode(self.rank, self.world_size), stages.split_by_worker] if train else [])
+            shard_list = steps.ShardList(urls, seed=hp.seed, shuffle=train)
+            head = [shard_list] + ([steps.SplitByNode(self.rank, self.world_size), steps.split_by_worker] if train else [])
         body = [
-            stages.TarToSamples(counter),
-            stages.DecodeSamples(counter, rules, extra=self.extra_fields()),
+            steps.TarToSamples(counter),
+            steps.DecodeSamples(counter, rules, extra=self.extra_fields()),
         ]
         if train:
-            body.append(stages.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
+            body.append(steps.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
         else:
-            body.append(stages.TakeStrided(hp.val_samples, self.rank, self.world_size))
+            body.append(steps.TakeStrided(hp.val_samples, self.rank, self.world_size))
         body += [
-            stages.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed + self.rank),
-            *self.finish_stages(),
+            steps.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed + self.rank),
+            *self.finish_steps(),
         ]
-        batch_size = hp.batch_size if train else (hp.val_batch_size or hp.batch_size)
-        body.append(stages.BatchSamples(batch_size, self.collate(counter), partial=not train))
+        batch_size = self.loader.batch(train)
+        body.append(steps.BatchSamples(batch_size, self.collate(counter), partial=not train))
         pipe = wds.DataPipeline(*head, *body)
         if train and hp.resampled and hp.epoch_samples:
             workers = max(1, self.loader.num_workers)

@@ -178,7 +178,7 @@ class Probe(Callback):
 def run_stage(stage: str, data: dict[str, str], root: Path, *, devices: int, batch_size: int, workers: int,
               max_epochs: int) -> dict[str, Any]:
     """Fit `stage` from its tiny YAML; returns the probe record of this process."""
-    from modules.lightning_cli import UnclipCLI
+    from modules.cli.lightning import UnclipCLI
 
     args = stage_args(stage, data) + [
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
@@ -186,12 +186,12 @@ def run_stage(stage: str, data: dict[str, str], root: Path, *, devices: int, bat
         "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.logger=false",
         "--trainer.callbacks=null", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / stage}",
-        f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
+        f"--data.loader.batch_size={batch_size}", f"--data.loader.num_workers={workers}",
     ]
     if workers:
         # Workers forked by a forkserver, not by this multi-threaded rank: a fork from a threaded
         # process deadlocked a worker once on CPython 3.11.7 (python/cpython#112275).
-        args.append("--data.multiprocessing_context=forkserver")
+        args.append("--data.loader.multiprocessing_context=forkserver")
     cli = UnclipCLI(args=args, run=False)
     probe = Probe()
     cli.trainer.callbacks.append(probe)

@@ -8,12 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
+
+from datamodules.image_text import LoaderConfig
 import torch
 import torch.nn.functional as F
 
-from modules.ar_prior_module import ARPriorModule
+from modules.stages.ar_prior import ARPriorModule
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer, sample_categorical
-from modules.prior_metrics import compare_to_baselines
+from modules.stages.prior_metrics import compare_to_baselines
 from tests.test_prior import D, W, embedding_shards, fit, synthetic
 
 
@@ -155,7 +157,7 @@ def test_fit_fits_pca_at_start_and_checkpoint_carries_it(tmp_path: Path):
     from datamodules.embeddings import EmbeddingDataModule
 
     shards = embedding_shards(tmp_path / "emb", n=64)
-    data = EmbeddingDataModule(train_shards=shards, val_shards=shards, batch_size=16, num_workers=0, val_samples=16)
+    data = EmbeddingDataModule(train_shards=shards, val_shards=shards, val_samples=16, loader=LoaderConfig(batch_size=16, num_workers=0))
     m = ar_module(fit_samples=64)
     assert not m.quantizer.is_fitted
     trainer = fit(m, data, tmp_path)

@@ -26,7 +26,6 @@ def shrink_tiny_yaml(tmp_path: Path, shards: str) -> Path:
     tr = cfg["trainer"]
     tr.update(max_steps=4, max_time=None, val_check_interval=2, limit_val_batches=2, log_every_n_steps=1,
               num_sanity_val_steps=1, enable_progress_bar=False, default_root_dir=str(tmp_path))  # fmt: skip
-    tr["logger"]["init_args"]["save_dir"] = str(tmp_path)
     for cb in tr["callbacks"]:
         args = cb.setdefault("init_args", {})
         if cb["class_path"].endswith("ModelCheckpoint"):
@@ -44,7 +43,7 @@ def shrink_tiny_yaml(tmp_path: Path, shards: str) -> Path:
     model["sampling"]["steps"] = 4
     model["val_timesteps"] = [10, 50]
     model["optimizer"]["warmup_steps"] = 1
-    cfg["data"]["init_args"].update(train_shards=shards, val_shards=shards, image_size=16, batch_size=4, num_workers=0,
+    cfg["data"]["init_args"].update(train_shards=shards, val_shards=shards, image_size=16, loader={"batch_size": 4, "num_workers": 0},
                                     resampled=False, epoch_samples=None, val_samples=8)  # fmt: skip
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -54,7 +53,7 @@ def shrink_tiny_yaml(tmp_path: Path, shards: str) -> Path:
 def test_tiny_fit_writes_offline_wandb_run(tmp_path, tiny_shards):
     import wandb
 
-    from modules.lightning_cli import UnclipCLI
+    from modules.cli.lightning import UnclipCLI, run_name
 
     pattern, _ = tiny_shards
     config = shrink_tiny_yaml(tmp_path, pattern)
@@ -82,10 +81,10 @@ def test_tiny_fit_writes_offline_wandb_run(tmp_path, tiny_shards):
     names = [p.name for p in run.images]
     assert sum(n.startswith("val_grid") for n in names) == 2 and sum(n.startswith("val_") for n in names) == 10
     # The resolved CLI config is saved with the run; run named and grouped by experiment and stage.
-    assert run.config["cli"]["model"]["class_path"] == "modules.decoder_module.DecoderModule"
+    assert run.config["cli"]["model"]["class_path"] == "modules.stages.decoder.DecoderModule"
     assert (runs[0] / "files" / "config.yaml").is_file()
     assert "FID_CLIP" in run.config["generation_metrics/features"]  # which features the FID used
-    assert run.meta["name"] == "decoder-tiny" and run.meta["group"] == "decoder" and run.meta["job_type"] == "fit"
+    assert run.meta["name"] == run_name(str(tmp_path)) and run.meta["group"] == "decoder" and run.meta["job_type"] == "fit"
     # SampleGrid PNGs on disk; FLOPs counted once.
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["val_step0000002.png", "val_step0000004.png"]
     assert cli.model.flops_per_batch > 0

@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.shapes import ALL_OBJECTS, SHAPES, ShapesConfig, write_shapes_dataset
-from modules.clip_module import CLIPModule, caption_content, clip_param_groups, content_id, recall_at_k, shapes_labels
+from datamodules.shapes.grammar import ALL_OBJECTS, SHAPES
+from datamodules.image_text import LoaderConfig
+from datamodules.shapes.dataset import ShapesConfig, write_shapes_dataset
+from modules.stages.clip import CLIPModule, caption_content, clip_param_groups, content_id, recall_at_k, shapes_labels
 from modules.networks.clip import FrozenCLIP, create_clip, read_state_dict, register_project_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,13 +201,13 @@ def test_zero_shot_metrics_count_colour_shape_and_pairs():
 
 # -- the real tiny config, shrunk: fit, metrics, checkpoint -> FrozenCLIP --------------------------
 def test_tiny_config_fit_then_frozen_clip_loads_checkpoint(tmp_path: Path, monkeypatch):
-    from modules.lightning_cli import UnclipCLI
+    from modules.cli.lightning import UnclipCLI
 
     write_shapes_dataset(ShapesConfig(num_samples=64, size=32, shard_size=16, val_fraction=0.25), tmp_path / "data/shapes", workers=1)
     monkeypatch.chdir(tmp_path)  # the config's relative data/ and runs/ paths land in tmp_path
     args = ["fit", "--config", str(ROOT / "experiments/clip/tiny.yaml"), "--trainer.max_steps=4", "--trainer.val_check_interval=4",
-            "--trainer.enable_progress_bar=false", "--data.batch_size=8", "--data.num_workers=0", "--data.val_samples=16",
-            "--data.val_batch_size=8", "--model.optimizer.warmup_steps=2"]
+            "--trainer.enable_progress_bar=false", "--data.loader.batch_size=8", "--data.loader.num_workers=0", "--data.val_samples=16",
+            "--data.loader.val_batch_size=8", "--model.optimizer.warmup_steps=2"]
     cli = UnclipCLI(args=args)
     metrics = cli.trainer.callback_metrics
     names = ("val/i2t_recall@1", "val/t2i_recall@10", "val/t2i_recall@1_single", "val/t2i_recall@1_pair", "val/zeroshot_acc",
@@ -228,7 +230,7 @@ def test_tiny_config_fit_then_frozen_clip_loads_checkpoint(tmp_path: Path, monke
 
 
 def test_paper_config_parses():
-    from modules.lightning_cli import UnclipCLI
+    from modules.cli.lightning import UnclipCLI
 
     buffer = io.StringIO()
     with pytest.raises(SystemExit) as exit_info, pytest.MonkeyPatch.context() as mp:
@@ -250,7 +252,7 @@ def _ddp_run(shards: str, devices: int, fit: bool) -> dict[str, float]:
 
     torch.manual_seed(0)
     module = CLIPModule("tiny-vit", local_loss=fit, gather_with_grad=fit)
-    dm = ImageTextDataModule(shards, shards, image_size=32, batch_size=8, num_workers=0, val_samples=48, tokenizer="tiny-vit")
+    dm = ImageTextDataModule(shards, shards, image_size=32, val_samples=48, tokenizer="tiny-vit", loader=LoaderConfig(batch_size=8, num_workers=0))
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, max_steps=2,
                          val_check_interval=2, check_val_every_n_epoch=None)

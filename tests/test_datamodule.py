@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import stages
+from datamodules import steps
 from datamodules.image_text import ImageTextDataModule, LoaderConfig
 from tests.conftest import png_bytes, sample_members, write_tar
 
 
-def _dm(pattern: str, **kw) -> ImageTextDataModule:
-    args = dict(train_shards=pattern, val_shards=pattern, image_size=16, batch_size=4, num_workers=0, tokenizer=None)
+def _dm(pattern: str, loader: dict | None = None, **kw) -> ImageTextDataModule:
+    """A set-up DataModule: batch 4, no loader workers unless `loader` says otherwise."""
+    args = dict(train_shards=pattern, val_shards=pattern, image_size=16, tokenizer=None,
+                loader=LoaderConfig(**{"batch_size": 4, "num_workers": 0, **(loader or {})}))
     args.update(kw)
     dm = ImageTextDataModule(**args)
     dm.setup("fit")
@@ -30,7 +32,7 @@ def _keys(loader) -> list[str]:
 
 def test_round_trip_exact_captions_and_pixels(tiny_shards):
     pattern, truth = tiny_shards
-    dm = _dm(pattern, val_samples=100, val_batch_size=5)
+    dm = _dm(pattern, val_samples=100, loader=dict(val_batch_size=5))
     seen = 0
     for batch in dm.val_dataloader():
         for key, image, caption in zip(batch["key"], batch["image"], batch["caption"]):
@@ -68,7 +70,7 @@ def test_bad_samples_skipped_and_counted(tmp_path: Path, pickled: bool):
     data = (tmp_path / "s-000001.tar").read_bytes()
     cut = data.find(b"i.png") + 512 + 40  # inside the second sample's PNG bytes
     (tmp_path / "s-000001.tar").write_bytes(data[:cut])
-    dm = _dm(str(tmp_path / "s-{000000..000001}.tar"), batch_size=1, shuffle_buffer=0)
+    dm = _dm(str(tmp_path / "s-{000000..000001}.tar"), shuffle_buffer=0, loader=dict(batch_size=1))
     loader = dm.train_dataloader()
     skipped: dict[str, int] = {}
     keys = []
@@ -91,7 +93,7 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers(tiny_shards):
     for epoch in range(2):
         keys: list[str] = []
         for rank in range(2):
-            dm = ImageTextDataModule(pattern, image_size=16, batch_size=1, num_workers=2, tokenizer=None, seed=3)
+            dm = ImageTextDataModule(pattern, image_size=16, tokenizer=None, seed=3, loader=LoaderConfig(batch_size=1, num_workers=2))
             dm.setup("fit")
             dm.rank, dm.world_size = rank, 2
             loader = dm.train_dataloader()
@@ -111,7 +113,7 @@ def test_spawned_workers_give_the_forked_batches(tiny_shards, method: str):
     pattern, _ = tiny_shards
     runs = {}
     for context in (None, method):
-        dm = _dm(pattern, tokenizer="ViT-B-32", num_workers=2, seed=1, shuffle_buffer=4, multiprocessing_context=context)
+        dm = _dm(pattern, tokenizer="ViT-B-32", seed=1, shuffle_buffer=4, loader=dict(num_workers=2, multiprocessing_context=context))
         runs[context] = list(dm.train_dataloader())
     forked, spawned = runs[None], runs[method]
     assert len(forked) == len(spawned) == 6  # 2 workers x 2 shards x 6 samples / batch 4
@@ -128,24 +130,24 @@ def test_unknown_start_method_is_one_clear_error():
 
 def test_shard_order_deterministic_in_seed_and_epoch():
     urls = [f"u{i}" for i in range(10)]
-    a = stages.ShardList(urls, seed=1)
+    a = steps.ShardList(urls, seed=1)
     first = [d["url"] for d in a]
     second = [d["url"] for d in a]  # epoch advanced
-    b = stages.ShardList(urls, seed=1)
+    b = steps.ShardList(urls, seed=1)
     assert [d["url"] for d in b] == first
     assert first != second and sorted(first) == sorted(urls)
 
 
 def test_resampled_mode_yields_fixed_epoch_length(tiny_shards):
     pattern, _ = tiny_shards
-    dm = _dm(pattern, resampled=True, epoch_samples=12, batch_size=3, num_workers=0)
+    dm = _dm(pattern, resampled=True, epoch_samples=12, loader=dict(batch_size=3, num_workers=0))
     batches = list(dm.train_dataloader())
     assert len(batches) == 4 and all(len(b["key"]) == 3 for b in batches)
 
 
 def test_pattern_matching_nothing_is_one_clear_error(tmp_path: Path):
     pattern = str(tmp_path / "nothing-{000000..000003}.tar")
-    with pytest.raises(stages.ShardPatternError, match="nothing-"):
+    with pytest.raises(steps.ShardPatternError, match="nothing-"):
         _dm(pattern)
-    with pytest.raises(stages.ShardPatternError, match="pipe:"):
-        stages.expand_shards("pipe:curl http://example/x.tar")
+    with pytest.raises(steps.ShardPatternError, match="pipe:"):
+        steps.expand_shards("pipe:curl http://example/x.tar")

@@ -105,7 +105,7 @@ def test_sigterm_under_ddp_saves_last_ckpt_on_both_ranks_exit(tmp_path: Path) ->
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "modules.cli", "fit",
            "--config", str(ROOT / "experiments/prior/tiny.yaml"), "--config", str(tmp_path / "callbacks.yaml"),
-           "--data.train_shards", shards, "--data.val_shards=null", "--data.batch_size=8", "--data.num_workers=0",
+           "--data.train_shards", shards, "--data.val_shards=null", "--data.loader.batch_size=8", "--data.loader.num_workers=0",
            "--model.clip_weights=null", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
            "--trainer.max_steps=40", "--trainer.max_time=null", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={tmp_path}"]

@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 
-from modules.decoder_module import DecoderModule
+from modules.stages.decoder import DecoderModule
 from modules.networks.unet import UNetConfig
 from modules.diffusion.config import SamplingConfig
 
@@ -114,15 +114,15 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path):
 
 @pytest.mark.slow
 def test_unclip_fit_decoder_from_yaml_lowers_loss(tmp_path: Path):
-    from datamodules import shapes
+    from modules.cli import data as data_command
 
     data = tmp_path / "shapes"
-    shapes.main(["--out", str(data), "--num-samples", "400", "--size", "32", "--seed", "0", "--workers", "1"])
+    data_command.main(["shapes", "--out", str(data), "--num-samples", "400", "--size", "32", "--seed", "0", "--workers", "1"])
     root = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "modules.cli", "fit", "--config", "experiments/decoder/tiny.yaml",
         f"--data.train_shards={data}/train-*.tar", f"--data.val_shards={data}/val-*.tar",
-        "--data.num_workers=0", "--data.batch_size=16", "--trainer.max_steps=60", "--trainer.val_check_interval=30",
+        "--data.loader.num_workers=0", "--data.loader.batch_size=16", "--trainer.max_steps=60", "--trainer.val_check_interval=30",
         "--trainer.max_time=null", "--model.unet.model_channels=16", "--model.optimizer.lr=0.002",
         f"--trainer.default_root_dir={root}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={root}", "--trainer.callbacks=null", "--trainer.enable_progress_bar=false",

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.degradations import (
+from modules.stages.degradations import (
     DOWN_MODES,
     UP_MODES,
     Augmentation,

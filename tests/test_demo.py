@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modules.demo import Demo
+from modules.cli.demo import Demo
 from tests.test_paper_configs import parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +32,10 @@ def budget(trainer) -> timedelta:
 
 
 def paths(trainer) -> list[str]:
-    """Every directory the trainer's logger and callbacks write to."""
-    found = [trainer.default_root_dir, trainer.logger.init_args.save_dir]
-    for cb in trainer.callbacks:
+    """Every directory the trainer's configured callbacks write to (the CLI's default logger and
+    checkpoints write under `default_root_dir`: `test_run_defaults_land_under_the_run_root`)."""
+    found = [trainer.default_root_dir]
+    for cb in trainer.callbacks or []:
         dirpath = (cb.get("init_args") or {}).get("dirpath")
         if dirpath:
             found.append(dirpath)
@@ -46,10 +47,9 @@ def test_demo_overlay_composes_and_writes_under_its_root(name: str) -> None:
     base, overlay, root = {**STAGES, **IMAGEN}[name]
     cli = parse(base, overlay)
     trainer, data = cli.config.trainer, cli.config.data.init_args
-    assert trainer.enable_progress_bar and trainer.logger.class_path.endswith("WandbLogger") and trainer.logger.init_args.offline
+    assert trainer.enable_progress_bar and trainer.logger is None  # the CLI's default: offline W&B in the run root
     assert all(p.startswith(root) for p in paths(trainer)), paths(trainer)
     assert str(data.train_shards).startswith("runs/demo/data/")
-    assert any(c.class_path.endswith("SaveOnTrainEnd") for c in trainer.callbacks), "a time budget must keep its last step"
     model = cli.parser.instantiate_classes(cli.config)["model"]  # tiny: built for real, no weights read yet
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
@@ -58,7 +58,7 @@ def test_training_budgets_leave_a_third_of_the_twenty_minutes_for_the_rest() -> 
     """Stage start-up, embedding export, generation and evaluation run in the rest of the 20 min."""
     total = sum((budget(parse(base, overlay).config.trainer) for base, overlay, _ in STAGES.values()), timedelta())
     assert total <= timedelta(minutes=14), total
-    stages = [s.name for s in Demo(Path("runs/demo"), 10, 10).stages()]
+    stages = [s.name for s in Demo(Path("runs/demo"), 10, 10).steps()]
     assert stages == ["data", "clip", "embed", "prior", "decoder", "superres", "pipeline", "generate", "evaluate", "manipulate"]
 
 
@@ -66,3 +66,27 @@ def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
     """Equal training budget (issue 11): Imagen base = unCLIP prior + decoder; upsampler = upsampler."""
     t = {k: budget(parse(b, o).config.trainer) for k, (b, o, _) in {**STAGES, **IMAGEN}.items()}
     assert t["imagen_base"] == t["prior"] + t["decoder"] and t["imagen_superres"] == t["superres"]
+
+
+def test_run_defaults_land_under_the_run_root(tmp_path: Path) -> None:
+    """A config without logger or checkpoint callbacks gets them from the CLI, all under its root."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
+    from callbacks.final_checkpoint import SaveOnTrainEnd
+    from modules.cli.lightning import add_run_defaults
+
+    root = str(tmp_path / "runs" / "demo" / "decoder")
+    trainer = pl.Trainer(default_root_dir=root, val_check_interval=50, enable_progress_bar=False)
+    add_run_defaults(trainer, logger_configured=False, checkpoint_configured=False, stage="decoder", job_type="fit")
+    (logger,) = trainer.loggers
+    assert isinstance(logger, WandbLogger) and logger.save_dir == root and logger._offline
+    assert logger._wandb_init["group"] == "decoder" and logger._wandb_init["name"].endswith("demo-decoder")
+    (checkpoint,) = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    assert checkpoint.dirpath == f"{root}/checkpoints" and checkpoint.save_last and checkpoint._every_n_train_steps == 50
+    assert [cb.path for cb in trainer.callbacks if isinstance(cb, SaveOnTrainEnd)] == [Path(root) / "checkpoints/last.ckpt"]
+    assert sum(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks) == 1
+    quiet = pl.Trainer(default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    add_run_defaults(quiet, logger_configured=True, checkpoint_configured=True, stage=None)
+    assert not quiet.loggers and not any(isinstance(cb, (ModelCheckpoint, LearningRateMonitor)) for cb in quiet.callbacks)

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from datamodules.embeddings import EmbeddingDataModule, EmbeddingJoinError, ImageEmbeddingDataModule, Member, load_npy, pad_tokens
+from datamodules.image_text import LoaderConfig
 from datamodules.image_text import ImageTextDataModule
-from datamodules.shapes import ShapesConfig, write_shapes_dataset
-from modules.cli import UserError, main
-from modules.commands import export_embeddings
+from datamodules.shapes.dataset import ShapesConfig, write_shapes_dataset
+from modules.cli.main import main
+from modules.core.errors import UserError
+from modules.cli.embed import export_embeddings
 from modules.networks.clip import FrozenCLIP
 
 CLIP = "tiny-vit"
@@ -53,7 +55,7 @@ def test_export_values_keys_and_layout(exported):
     shapes, emb, clip = exported
     assert sorted(p.name for p in emb.glob("*.tar")) == sorted(p.name for p in shapes.glob("*.tar"))
     assert not list(emb.glob("*.tmp"))
-    dm = ImageTextDataModule(str(shapes / "val-*.tar"), str(shapes / "val-*.tar"), image_size=32, batch_size=8, num_workers=0, val_samples=100, tokenizer=CLIP)
+    dm = ImageTextDataModule(str(shapes / "val-*.tar"), str(shapes / "val-*.tar"), image_size=32, val_samples=100, tokenizer=CLIP, loader=LoaderConfig(batch_size=8, num_workers=0))
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     stored = _members(emb / "val-000000.tar")
@@ -111,7 +113,7 @@ def test_pad_tokens_mask_and_values():
 def test_embedding_datamodule_batches(exported):
     _, emb, _ = exported
     stored = {k: v for p in emb.glob("*.tar") for k, v in _members(p).items()}
-    dm = EmbeddingDataModule(str(emb / "train-*.tar"), str(emb / "val-*.tar"), batch_size=4, num_workers=2, shuffle_buffer=5, val_samples=100)
+    dm = EmbeddingDataModule(str(emb / "train-*.tar"), str(emb / "val-*.tar"), shuffle_buffer=5, val_samples=100, loader=LoaderConfig(batch_size=4, num_workers=2))
     dm.setup("fit")
     keys = []
     for batch in dm.train_dataloader():
@@ -130,8 +132,7 @@ def test_embedding_datamodule_batches(exported):
 
 
 def _join_dm(shapes: Path, emb: Path, **kw) -> ImageEmbeddingDataModule:
-    args = dict(embeddings=str(emb), train_shards=str(shapes / "train-*.tar"), val_shards=str(shapes / "val-*.tar"),
-                image_size=32, batch_size=4, num_workers=2, shuffle_buffer=8, val_samples=100, tokenizer=CLIP)
+    args = dict(embeddings=str(emb), train_shards=str(shapes / "train-*.tar"), val_shards=str(shapes / "val-*.tar"), image_size=32, shuffle_buffer=8, val_samples=100, tokenizer=CLIP, loader=LoaderConfig(batch_size=4, num_workers=2))
     dm = ImageEmbeddingDataModule(**{**args, **kw})
     dm.setup("fit")
     return dm
@@ -188,13 +189,13 @@ def test_join_counts_missing_and_rejects_stale_embeddings(exported, tmp_path: Pa
                     tar.addfile(info, io.BytesIO(data))
 
     write(drop=keys[3], recaption=None)
-    batches = list(_join_dm(shapes, broken, num_workers=0).val_dataloader())
+    batches = list(_join_dm(shapes, broken, loader=LoaderConfig(num_workers=0)).val_dataloader())
     got = [k for b in batches for k in b["key"]]
     assert got == [k for k in keys if k != keys[3]]
     assert sum(b["skipped"].get("missing_embedding", 0) for b in batches) == 1
     write(drop=None, recaption=keys[5])
     with pytest.raises(EmbeddingJoinError, match=f"sample {keys[5]}.*stale"):
-        list(_join_dm(shapes, broken, num_workers=0).val_dataloader())
+        list(_join_dm(shapes, broken, loader=LoaderConfig(num_workers=0)).val_dataloader())
     (broken / "train-000001.tar").unlink()
     with pytest.raises(EmbeddingJoinError, match="no embedding shard"):
         _join_dm(shapes, broken)

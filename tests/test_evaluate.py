@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from callbacks.loggers import read_offline_run
-from modules.cli import main
-from modules.evaluate import EvalConfig, evaluate
+from modules.cli.main import main
+from modules.evaluation.evaluate import EvalConfig, evaluate
 from tests.conftest import sample_members, write_tar
 
 REPORT_KEYS = {"schema", "source", "data", "settings", "feature_extractor", "metrics", "metric_notes", "images", "timing", "html",
@@ -25,8 +25,8 @@ METRICS = {"fid", "kid_mean", "kid_std", "inception_score_mean", "inception_scor
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[str, str]:
     """(checkpoint, shard pattern): 2 shards of 10 solid-colour 16 px images and a decoder fit for 3 steps."""
-    from datamodules.image_text import ImageTextDataModule
-    from modules.decoder_module import DecoderModule
+    from datamodules.image_text import ImageTextDataModule, LoaderConfig
+    from modules.stages.decoder import DecoderModule
 
     root = tmp_path_factory.mktemp("tiny_run")
     rng = np.random.default_rng(0)
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory) -> tuple[str, str]:
         unet=dict(image_size=16, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[8], num_head_channels=16, num_groups=8),
         diffusion=dict(timesteps=100), sampling=dict(steps=4, guidance_scale=2.0), val_timesteps=(10,),
     )  # fmt: skip
-    data = ImageTextDataModule(pattern, image_size=16, batch_size=4, num_workers=0, tokenizer="tiny-vit")
+    data = ImageTextDataModule(pattern, image_size=16, tokenizer="tiny-vit", loader=LoaderConfig(batch_size=4, num_workers=0))
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=root)
     trainer.fit(module, data)
     ckpt = root / "decoder.ckpt"

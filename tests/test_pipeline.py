@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.cli import main
-from modules.decoder_module import DecoderModule
-from modules.manipulations import interpolate, reconstruction_error, slerp, text_diff, variations
+from modules.cli.main import main
+from modules.stages.decoder import DecoderModule
+from modules.pipelines.manipulations import interpolate, reconstruction_error, slerp, text_diff, variations
 from modules.networks.clip import FrozenCLIP
 from modules.networks.unet import UNetConfig
-from modules.pipeline import GenerateConfig, PipelineError, PriorMode, UnCLIPPipeline
+from modules.core.errors import PipelineError
+from modules.pipelines.unclip import GenerateConfig, PriorMode, UnCLIPPipeline
 from modules.diffusion.config import SamplingConfig
 
 FAST = {"steps": 3, "guidance_scale": 2.0}

@@ -23,7 +23,7 @@ from modules.networks.prior_transformer import (
     causal_key_mask,
     count_parameters,
 )
-from modules.prior_metrics import (
+from modules.stages.prior_metrics import (
     RunningMean,
     class_retrieval_accuracy,
     compare_to_baselines,
@@ -31,7 +31,7 @@ from modules.prior_metrics import (
     evaluation_table,
     nearest_image_cos,
 )
-from modules.prior_module import PriorModule, select_best
+from modules.stages.prior import PriorModule, select_best
 
 D = W = 64  # tiny-vit widths
 TINY = PriorConfig(embed_dim=D, text_width=W, width=32, depth=2, heads=2)
@@ -186,7 +186,7 @@ def test_select_best_keeps_the_largest_dot_product_with_zt():
 
 
 def test_generate_is_seeded_unit_norm_and_best_of_n(monkeypatch):
-    import modules.prior_module as prior_module
+    import modules.stages.prior as prior_module
 
     m = module().eval()
     cond = synthetic(3)
@@ -253,9 +253,10 @@ def fit(m: pl.LightningModule, data: pl.LightningDataModule, root: Path, steps: 
 
 def test_fit_from_embedding_shards_and_checkpoint_round_trip(tmp_path: Path):
     from datamodules.embeddings import EmbeddingDataModule
+    from datamodules.image_text import LoaderConfig
 
     shards = embedding_shards(tmp_path / "emb")
-    data = EmbeddingDataModule(train_shards=shards, val_shards=shards, batch_size=16, num_workers=0, val_samples=16)
+    data = EmbeddingDataModule(train_shards=shards, val_shards=shards, val_samples=16, loader=LoaderConfig(batch_size=16, num_workers=0))
     m = module()
     trainer = fit(m, data, tmp_path)
     assert "val/prior/cos_true" in trainer.callback_metrics and "val/mean/retrieval" in trainer.callback_metrics
@@ -271,18 +272,17 @@ def test_fit_from_embedding_shards_and_checkpoint_round_trip(tmp_path: Path):
 
 
 def test_fit_with_on_the_fly_clip_encoding(tiny_shards, tmp_path: Path):
-    from datamodules.image_text import ImageTextDataModule
+    from datamodules.image_text import ImageTextDataModule, LoaderConfig
 
     pattern, _ = tiny_shards
-    data = ImageTextDataModule(train_shards=pattern, val_shards=pattern, image_size=16, batch_size=8,
-                               num_workers=0, val_samples=8, tokenizer="tiny-vit")
+    data = ImageTextDataModule(train_shards=pattern, val_shards=pattern, image_size=16, val_samples=8, tokenizer="tiny-vit", loader=LoaderConfig(batch_size=8, num_workers=0))
     trainer = fit(module(), data, tmp_path, steps=2)
     assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "ar_tiny.yaml"])
 def test_tiny_yaml_builds_through_lightning_cli(name: str, tmp_path: Path):
-    from modules.lightning_cli import UnclipCLI
+    from modules.cli.lightning import UnclipCLI
 
     cli = UnclipCLI(args=["--config", str(ROOT / "experiments/prior" / name),
                           f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.callbacks=null"],

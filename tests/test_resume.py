@@ -22,8 +22,9 @@ import torch
 
 from callbacks.checkpointing import AtomicCheckpointIO, atomic_torch_save, capture_rng, restore_rng
 from datamodules.embeddings import EmbeddingDataModule
+from datamodules.image_text import LoaderConfig
 from datamodules.image_text import FETCH_AHEAD
-from modules import cli
+from modules.cli import main as cli
 from tests import ddp_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ STEPS_PER_EPOCH, MAX_STEPS = 6, 24
 # The data position
 # ---------------------------------------------------------------------------------------------
 def _embedding_dm(pattern: str, **kw) -> EmbeddingDataModule:
-    dm = EmbeddingDataModule(train_shards=pattern, batch_size=8, num_workers=1, shuffle_buffer=16, seed=1, **kw)
+    dm = EmbeddingDataModule(train_shards=pattern, shuffle_buffer=16, seed=1, **kw, loader=LoaderConfig(batch_size=8, num_workers=1))
     dm.setup("fit")
     return dm
 
@@ -150,7 +151,7 @@ def run_files(root: Path) -> tuple[list[str], Path]:
         """))
     args = [
         "fit", "--config", str(ROOT / "experiments/prior/tiny.yaml"), "--config", str(callbacks),
-        "--data.train_shards", data, "--data.val_shards", val, "--data.batch_size=8", "--data.num_workers=1",
+        "--data.train_shards", data, "--data.val_shards", val, "--data.loader.batch_size=8", "--data.loader.num_workers=1",
         "--data.resampled=false", "--data.shuffle_buffer=16", "--data.val_samples=8", "--model.clip_weights=null",
         "--model.sampling.steps=4", "--model.optimizer.warmup_steps=10", f"--trainer.max_steps={MAX_STEPS}",
         "--trainer.max_time=null", f"--trainer.val_check_interval={STEPS_PER_EPOCH}", "--trainer.limit_val_batches=1",

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.checkpointing import AtomicCheckpointIO, UnsafeCheckpointError, safe_torch_load
-from datamodules.stages import ShardPatternError, expand_shards
-from modules import cli
+from callbacks.checkpointing import AtomicCheckpointIO
+from modules.core.errors import UnsafeCheckpointError, UserError
+from modules.core.safe_load import safe_torch_load
+from datamodules.steps import ShardPatternError, expand_shards
+from datamodules.image_text import LoaderConfig
+from modules.cli import main as cli
 from tests.ddp_probe import write_image_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,7 @@ def test_the_payload_is_live_when_loaded_unsafely(evil):
 
 
 def test_clip_weight_loaders_refuse_it(evil):
-    from modules.clip_module import CLIPModule
+    from modules.stages.clip import CLIPModule
     from modules.networks.clip import FrozenCLIP, read_state_dict
 
     path, marker = evil
@@ -58,13 +61,14 @@ def test_clip_weight_loaders_refuse_it(evil):
 
 def test_stage_checkpoint_and_evaluation_loaders_refuse_it(evil):
     from callbacks.feature_extractors import load_inception
-    from modules.evaluate import load_checkpoint
-    from modules.pipeline import PipelineError, load_stage_checkpoint
+    from modules.evaluation.evaluate import load_checkpoint
+    from modules.core.errors import PipelineError
+    from modules.pipelines.store import load_stage_checkpoint
 
     path, marker = evil
     with pytest.raises(PipelineError, match="refusing to load"):
-        load_stage_checkpoint("decoder", path, "modules.decoder_module.DecoderModule")
-    with pytest.raises(cli.UserError, match="refusing to load"):
+        load_stage_checkpoint("decoder", path, "modules.stages.decoder.DecoderModule")
+    with pytest.raises(UserError, match="refusing to load"):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="weights_only"):
         load_inception(path, "inception_weights")
@@ -81,7 +85,7 @@ def test_resume_loaders_refuse_it(evil, tmp_path: Path, capsys):
         AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # never, even when asked
     shards = write_image_shards(tmp_path / "shards", shards=1, per_shard=4)
     code = cli.main(["fit", "--config", str(ROOT / "experiments/clip/tiny.yaml"), "--data.train_shards", shards,
-                     "--data.val_shards=null", "--data.num_workers=0", "--data.batch_size=2", "--data.image_size=32",
+                     "--data.val_shards=null", "--data.loader.num_workers=0", "--data.loader.batch_size=2", "--data.image_size=32",
                      "--trainer.logger=false", "--trainer.callbacks=null", "--trainer.max_steps=1", "--trainer.max_time=null",
                      f"--trainer.default_root_dir={tmp_path}", "--ckpt_path", str(path)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unclip fit: error")]
@@ -90,7 +94,8 @@ def test_resume_loaders_refuse_it(evil, tmp_path: Path, capsys):
 
 
 def test_pipeline_directories_cannot_run_code(evil, tmp_path: Path):
-    from modules.pipeline import PipelineError, UnCLIPPipeline
+    from modules.core.errors import PipelineError
+    from modules.pipelines.unclip import UnCLIPPipeline
 
     path, marker = evil
     pipe = tmp_path / "pipe"
@@ -98,7 +103,7 @@ def test_pipeline_directories_cannot_run_code(evil, tmp_path: Path):
     (pipe / "clip.safetensors").write_bytes(path.read_bytes())  # a pickle under a safetensors name
     (pipe / "pipeline.json").write_text(json.dumps({
         "format": "unclip-pipeline", "version": 1, "clip": {"model_name": "tiny-vit", "weights": "clip.safetensors"},
-        "decoder": {"class_path": "modules.decoder_module.DecoderModule", "hparams": {}, "weights": "decoder.safetensors"},
+        "decoder": {"class_path": "modules.stages.decoder.DecoderModule", "hparams": {}, "weights": "decoder.safetensors"},
     }))
     with pytest.raises(Exception, match="deserializing header"):  # safetensors never unpickles
         UnCLIPPipeline.load(pipe)
@@ -131,8 +136,7 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path: Path):
         EmbeddingDataModule(train_shards=url).setup("fit")
     assert not marker.exists()
     shard = write_image_shards(tmp_path / "s", shards=1, per_shard=4).replace("{000000..000000}", "000000")
-    dm = ImageTextDataModule(train_shards=f"pipe:cat {shard}", image_size=16, batch_size=2, num_workers=0,
-                             tokenizer=None, allow_pipe=True, shuffle_buffer=0)
+    dm = ImageTextDataModule(train_shards=f"pipe:cat {shard}", image_size=16, tokenizer=None, allow_pipe=True, shuffle_buffer=0, loader=LoaderConfig(batch_size=2, num_workers=0))
     dm.setup("fit")
     assert sum(len(b["key"]) for b in dm.train_dataloader()) == 4, "allowed explicitly, a pipe: URL works"
     assert expand_shards(["pipe:true"], allow_pipe=True) == ["pipe:true"]

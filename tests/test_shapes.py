@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules import shapes
-from datamodules.shapes import COLORS, RELATIONS, SHAPES, Holdout, Obj, ShapesConfig, Split
+from datamodules.shapes import dataset as writer
+from datamodules.shapes import grammar, scene
+from modules.cli import data as data_command
+from datamodules.shapes.grammar import COLORS, RELATIONS, SHAPES, Obj
+from datamodules.shapes.dataset import Holdout, ShapesConfig, Split
 
 HOLDOUT = ("red:circle", "blue:square,green:triangle")
 CONFIG = ShapesConfig(num_samples=200, size=48, seed=3, shard_size=60, holdout=HOLDOUT)
@@ -40,7 +43,7 @@ def _read_split(out: Path, split: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
-    shapes.write_shapes_dataset(CONFIG, out, workers=1)
+    writer.write_shapes_dataset(CONFIG, out, workers=1)
     return out
 
 
@@ -57,10 +60,10 @@ def test_byte_identical_across_runs_and_workers(dataset: Path, tmp_path: Path) -
     reference = _shard_bytes(dataset)
     assert len([n for n in reference if n.endswith(".tar")]) == 4  # 180 train / 60 + 20 val
     for name, workers in (("again", 1), ("two_workers", 2)):
-        shapes.write_shapes_dataset(CONFIG, tmp_path / name, workers=workers)
+        writer.write_shapes_dataset(CONFIG, tmp_path / name, workers=workers)
         assert _shard_bytes(tmp_path / name) == reference
     other = ShapesConfig(**{**CONFIG.__dict__, "seed": CONFIG.seed + 1})
-    shapes.write_shapes_dataset(other, tmp_path / "other_seed", workers=2)
+    writer.write_shapes_dataset(other, tmp_path / "other_seed", workers=2)
     assert _shard_bytes(tmp_path / "other_seed")["train-000000.tar"] != reference["train-000000.tar"]
 
 
@@ -142,8 +145,8 @@ def test_geometry_and_relations(samples: list[dict]) -> None:
         holds = {"to the left of": dx > abs(dy), "to the right of": -dx > abs(dy),
                  "above": dy > abs(dx), "below": -dy > abs(dx)}
         assert [r for r, ok in holds.items() if ok] == [rel]
-        assert shapes.classify_relation(a, b, margin) == rel
-        assert shapes.classify_relation(b, a, margin) != rel
+        assert scene.classify_relation(a, b, margin) == rel
+        assert scene.classify_relation(b, a, margin) != rel
         assert truth["objects"][0] != truth["objects"][1]
     assert relations_seen == set(RELATIONS)
 
@@ -168,27 +171,27 @@ def test_caption_matches_truth(samples: list[dict]) -> None:
     templates = set()
     for s in samples:
         truth = s["truth"]
-        assert s["txt"] == truth["caption"] == shapes.describe(truth)
-        objects, relation, template = shapes.parse_caption(s["txt"])
+        assert s["txt"] == truth["caption"] == grammar.describe(truth)
+        objects, relation, template = grammar.parse_caption(s["txt"])
         assert objects == [Obj(o["color"], o["shape"]) for o in truth["objects"]]
         assert relation == truth["relation"] and template == truth["template"]
         templates.add(template)
-    assert templates == set(shapes.TEMPLATES)
+    assert templates == set(grammar.TEMPLATES)
     one_orange = {"objects": [{"color": "orange", "shape": "circle"}], "relation": None, "template": "a photo of {}"}
-    assert shapes.describe(one_orange) == "a photo of an orange circle"
+    assert grammar.describe(one_orange) == "a photo of an orange circle"
     two = {"objects": [{"color": "red", "shape": "square"}, {"color": "orange", "shape": "triangle"}],
            "relation": "to the right of"}
-    assert shapes.describe(two) == "a red square to the right of an orange triangle"
-    assert shapes.parse_caption("a photo of an orange triangle above a red square") == (
+    assert grammar.describe(two) == "a red square to the right of an orange triangle"
+    assert grammar.parse_caption("a photo of an orange triangle above a red square") == (
         [Obj("orange", "triangle"), Obj("red", "square")], "above", "a photo of {}")
     with pytest.raises(ValueError):
-        shapes.parse_caption("a photo of a orange hexagon")
+        grammar.parse_caption("a photo of a orange hexagon")
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
 def test_two_object_fraction(tmp_path: Path, fraction: float) -> None:
     config = ShapesConfig(num_samples=300, size=32, seed=0, shard_size=300, two_object_fraction=fraction)
-    stats = shapes.write_shapes_dataset(config, tmp_path, workers=1)
+    stats = writer.write_shapes_dataset(config, tmp_path, workers=1)
     two = sum(s["num_two_object"] for s in stats["splits"].values())
     counted = sum(len(s["truth"]["objects"]) == 2 for split in ("train", "val")
                   for s in _read_split(tmp_path, split))
@@ -198,31 +201,31 @@ def test_two_object_fraction(tmp_path: Path, fraction: float) -> None:
 
 def test_render_sample_and_layout_api() -> None:
     rng = np.random.default_rng(0)
-    image, truth = shapes.render_sample(rng, 32, two_object_fraction=1.0, split=Split.VAL)
+    image, truth = writer.render_sample(rng, 32, two_object_fraction=1.0, split=Split.VAL)
     assert image.size == (32, 32) and image.mode == "RGB" and len(truth["objects"]) == 2
     assert truth["split"] == "val" and truth["holdout"] is False
-    truth = shapes.layout_scene(rng, 32, [Obj("purple", "triangle"), Obj("yellow", "circle")], "below")
+    truth = scene.layout_scene(rng, 32, [Obj("purple", "triangle"), Obj("yellow", "circle")], "below")
     assert truth["caption"] == "a purple triangle below a yellow circle"
     a, b = (o["bbox"] for o in truth["objects"])
-    assert a[1] - b[3] >= shapes.margin_px(32)
+    assert a[1] - b[3] >= scene.margin_px(32)
     assert set(SHAPES) == {"circle", "square", "triangle"} and len(COLORS) == 6
 
 
 def test_cli_and_validation(tmp_path: Path) -> None:
-    parser = shapes.add_shapes_arguments(__import__("argparse").ArgumentParser())
+    parser = data_command.add_shapes_arguments(__import__("argparse").ArgumentParser())
     defaults = parser.parse_args(["--out", str(tmp_path)])
     assert (defaults.size, defaults.shard_size, defaults.val_fraction, defaults.two_object_fraction) == (
         64, 1000, 0.1, 0.5)
     # an earlier, larger run into the same folder leaves no stale shards behind
-    shapes.main(["--out", str(tmp_path), "--num-samples", "30", "--size", "16", "--shard-size", "10",
+    data_command.main(["shapes", "--out", str(tmp_path), "--num-samples", "30", "--size", "16", "--shard-size", "10",
                  "--workers", "1", "--val-fraction", "0"])
-    shapes.main(["--out", str(tmp_path), "--num-samples", "12", "--size", "16", "--shard-size", "10",
+    data_command.main(["shapes", "--out", str(tmp_path), "--num-samples", "12", "--size", "16", "--shard-size", "10",
                  "--workers", "1", "--holdout", "red:square", "orange:circle,red:triangle"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "stats.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
     for bad in (["red:hexagon"], ["red:circle,red:circle"], ["pink:circle"]):
         with pytest.raises(ValueError):
-            shapes.write_shapes_dataset(ShapesConfig(num_samples=4, size=16, holdout=tuple(bad)), tmp_path)
+            writer.write_shapes_dataset(ShapesConfig(num_samples=4, size=16, holdout=tuple(bad)), tmp_path)
     every_object = tuple(f"{c}:{s}" for c in COLORS for s in SHAPES)
     with pytest.raises(ValueError):
-        shapes.write_shapes_dataset(ShapesConfig(num_samples=4, size=16, holdout=every_object), tmp_path)
+        writer.write_shapes_dataset(ShapesConfig(num_samples=4, size=16, holdout=every_object), tmp_path)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from datamodules.shapes import Split, describe, render_sample
-from modules.shapes_evaluator import accuracy_table, detect_objects, evaluate_image
+from datamodules.shapes.dataset import Split, render_sample
+from datamodules.shapes.grammar import describe
+from modules.evaluation.shapes_evaluator import accuracy_table, detect_objects, evaluate_image
 
 SWAP_COLOR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "purple", "purple": "orange", "orange": "red"}
 SWAP_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from modules.degradations import Augmentation, Resampling, gaussian_blur
+from modules.stages.degradations import Augmentation, Resampling, gaussian_blur
 from modules.diffusion.config import SamplingConfig
-from modules.superres_module import SuperResModule, bicubic_upsample, random_crop_pair
+from modules.stages.superres import SuperResModule, bicubic_upsample, random_crop_pair
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "superres"
 UNET = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
@@ -162,7 +162,7 @@ def test_checkpoint_round_trip_with_plain_hparams(tmp_path):
 def test_experiment_configs_build(name, params_m, steps, kind):
     """Every superres YAML builds (paper scale on the meta device) with the stated size."""
     cfg = yaml.safe_load((EXPERIMENTS / name).read_text())
-    assert cfg["model"]["class_path"] == "modules.superres_module.SuperResModule"
+    assert cfg["model"]["class_path"] == "modules.stages.superres.SuperResModule"
     args = cfg["model"]["init_args"]
     with torch.device("meta"):
         m = SuperResModule(**args)

@@ -11,7 +11,7 @@ pytest.importorskip("sentence_transformers", reason="the `imagen` extra (sentenc
 import torch.nn.functional as F
 
 from modules.networks.clip import FrozenCLIP
-from modules.text_encoders import (
+from modules.stages.text_encoders import (
     ClipTextEncoder,
     HFT5Encoder,
     MiniLMEncoder,

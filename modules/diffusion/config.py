@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from modules.hparams import coerce_fields
+from modules.core.hparams import coerce_fields
 
 from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, VarianceType
 from .guidance import classifier_free_guidance, dynamic_threshold, static_clip

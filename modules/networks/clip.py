@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.safe_load import safe_torch_load
+from modules.core.safe_load import safe_torch_load
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 _registered = False
@@ -214,7 +214,7 @@ def to_clip_input(images: torch.Tensor, size: int, mean: torch.Tensor, std: torc
 
     Shared by training (`CLIPModule`) and frozen use, so both see identical inputs.
     """
-    x = (images.float() + 1) / 2
+    x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1], unclamped: CLIP sees exactly what it is given
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return (x - mean) / std

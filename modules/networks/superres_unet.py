@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.hparams import coerce_fields
+from modules.core.hparams import coerce_fields
 from modules.networks.linear import Linear
 from modules.networks.unet import UNet, UNetConfig
 from modules.networks.unet_blocks import timestep_embedding

@@ -7,38 +7,25 @@ Only the project's own stage classes may be named (a pipeline file cannot import
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from modules.cli import UserError
-from modules.conditioning import trim_tokens
+from modules.core.images import to_unit
 from modules.diffusion.config import SamplingConfig
 from modules.networks.clip import FrozenCLIP, read_state_dict
-from modules.safe_load import CheckpointReadError, read_lightning_checkpoint
+from modules.pipelines.store import atomic_directory, load_stage, load_stage_checkpoint, read_spec, save_stage, save_weights
+from modules.stages.conditioning import trim_tokens
+from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
+from modules.stages.registry import STAGE_CLASSES, StageKind
 
 FORMAT, VERSION = "unclip-pipeline", 1
-STAGE_CLASSES = {
-    "prior": ("modules.prior_module.PriorModule", "modules.ar_prior_module.ARPriorModule"),
-    "decoder": ("modules.decoder_module.DecoderModule",),
-    "upsampler": ("modules.superres_module.SuperResModule",),
-}
-
-
-class PipelineError(UserError, ValueError):
-    """A pipeline directory that cannot be loaded (one line naming the file and field)."""
 
 
 class PriorMode(str, Enum):
@@ -61,38 +48,14 @@ class GenerateConfig:
     batch_size: int = 16
 
 
-def _import(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def _stage_class(kind: str, class_path: str, where: str) -> type:
-    if class_path not in STAGE_CLASSES[kind]:
-        raise PipelineError(f"{where}: class {class_path!r} is not an allowed {kind} stage ({', '.join(STAGE_CLASSES[kind])})")
-    return _import(class_path)
-
-
-def _class_path(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def load_stage_checkpoint(kind: str, path: str | Path, class_path: str) -> nn.Module:
-    """A stage module from a Lightning checkpoint, loaded with `weights_only=True` (EMA weights
-    when the run used `EMAWeightAveraging`, which stores the average as `state_dict`)."""
-    try:
-        ckpt = read_lightning_checkpoint(path, f"{kind} checkpoint")
-    except CheckpointReadError as exc:
-        raise PipelineError(str(exc)) from None
-    module = _stage_class(kind, class_path, str(path))(**ckpt.get("hyper_parameters", {}))
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval()
-
-
 class UnCLIPPipeline(nn.Module):
     """The unCLIP cascade assembled from trained stages (all frozen, eval mode)."""
 
-    def __init__(self, clip: FrozenCLIP, decoder: nn.Module, prior: nn.Module | None = None,
-                 upsamplers: list[nn.Module] | None = None) -> None:
+    prior: PriorStage | None
+    decoder: DecoderStage
+
+    def __init__(self, clip: FrozenCLIP, decoder: DecoderStage, prior: PriorStage | None = None,
+                 upsamplers: list[UpsamplerStage] | None = None) -> None:
         super().__init__()
         self.clip, self.prior, self.decoder = clip, prior, decoder
         self.upsamplers = nn.ModuleList(upsamplers or [])
@@ -107,12 +70,12 @@ class UnCLIPPipeline(nn.Module):
     @classmethod
     def from_checkpoints(cls, clip_model: str, clip_weights: str | None, decoder: str, prior: str | None = None,
                          upsamplers: list[str] | None = None,
-                         prior_class: str = "modules.prior_module.PriorModule") -> UnCLIPPipeline:
+                         prior_class: str = "modules.stages.prior.PriorModule") -> UnCLIPPipeline:
         return cls(
             FrozenCLIP(clip_model, clip_weights),
-            load_stage_checkpoint("decoder", decoder, STAGE_CLASSES["decoder"][0]),
-            load_stage_checkpoint("prior", prior, prior_class) if prior else None,
-            [load_stage_checkpoint("upsampler", p, STAGE_CLASSES["upsampler"][0]) for p in upsamplers or []],
+            load_stage_checkpoint(StageKind.DECODER, decoder, STAGE_CLASSES[StageKind.DECODER][0]),
+            load_stage_checkpoint(StageKind.PRIOR, prior, prior_class) if prior else None,
+            [load_stage_checkpoint(StageKind.UPSAMPLER, p, STAGE_CLASSES[StageKind.UPSAMPLER][0]) for p in upsamplers or []],
         )
 
     def save(self, directory: str | Path) -> Path:
@@ -120,7 +83,7 @@ class UnCLIPPipeline(nn.Module):
         with atomic_directory(directory) as tmp:
             spec: dict[str, Any] = {"format": FORMAT, "version": VERSION}
             spec["clip"] = {"model_name": self.clip.model_name, "weights": "clip.safetensors"}
-            _save_weights(self.clip.model, tmp / "clip.safetensors")
+            save_weights(self.clip.model, tmp / "clip.safetensors")
             stages = [("decoder", self.decoder)] + ([("prior", self.prior)] if self.prior is not None else [])
             for kind, module in stages:
                 spec[kind] = save_stage(module, tmp, kind)
@@ -134,9 +97,9 @@ class UnCLIPPipeline(nn.Module):
         spec, spec_path = read_spec(directory, FORMAT, VERSION, required=("clip", "decoder"))
         clip = FrozenCLIP(spec["clip"]["model_name"])
         clip.model.load_state_dict(read_state_dict(directory / spec["clip"]["weights"]))
-        prior = load_stage("prior", spec["prior"], directory, spec_path) if spec.get("prior") else None
-        ups = [load_stage("upsampler", e, directory, spec_path) for e in spec.get("upsamplers", [])]
-        return cls(clip, load_stage("decoder", spec["decoder"], directory, spec_path), prior, ups).to(device)
+        prior = load_stage(StageKind.PRIOR, spec["prior"], directory, spec_path) if spec.get("prior") else None
+        ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in spec.get("upsamplers", [])]
+        return cls(clip, load_stage(StageKind.DECODER, spec["decoder"], directory, spec_path), prior, ups).to(device)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -189,68 +152,7 @@ class UnCLIPPipeline(nn.Module):
             text = self.encode_text(chunk)
             z_i = self.image_embeddings(text, cfg, generator)
             out.append(self.decode(text, z_i, cfg, generator))
-        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
-
-
-# -- pipeline directories (shared with `modules.imagen_pipeline`) -------------------------------
-@contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield a fresh folder beside `directory`; when the block succeeds it replaces `directory`
-    with `os.replace`, so readers see the old or the new pipeline, never half of one."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
-
-
-def save_stage(module: nn.Module, directory: Path, name: str) -> dict[str, Any]:
-    """Write `name.safetensors`; returns the stage's `pipeline.json` entry."""
-    _save_weights(module, directory / f"{name}.safetensors")
-    return {"class_path": _class_path(module), "hparams": dict(module.hparams), "weights": f"{name}.safetensors"}
-
-
-def read_spec(directory: Path, fmt: str, version: int, required: tuple[str, ...]) -> tuple[dict[str, Any], Path]:
-    """`pipeline.json` of `directory`, checked for format, version and required fields."""
-    spec_path = directory / "pipeline.json"
-    if not spec_path.is_file():
-        raise PipelineError(f"not a pipeline directory (no pipeline.json): {directory}")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{spec_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if spec.get("format") != fmt or spec.get("version") != version:
-        raise PipelineError(f"{spec_path}: field 'format'/'version' is {spec.get('format')!r}/{spec.get('version')!r}, expected {fmt!r}/{version}")
-    for key in required:
-        if key not in spec:
-            raise PipelineError(f"{spec_path}: missing field {key!r}")
-    return spec, spec_path
-
-
-def load_stage(kind: str, entry: dict[str, Any], directory: Path, spec_path: Path) -> nn.Module:
-    """An allow-listed stage class built from its plain hparams, weights from safetensors."""
-    module = _stage_class(kind, entry["class_path"], str(spec_path))(**entry["hparams"])
-    weights = directory / entry["weights"]
-    if not weights.is_file():
-        raise PipelineError(f"{spec_path}: weights file {entry['weights']!r} is missing")
-    module.load_state_dict(load_file(str(weights)))
-    return module
-
-
-def _save_weights(module: nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path))
+        return to_unit(torch.cat(out))
 
 
 class PipelineGenerator:

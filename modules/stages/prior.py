@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules import optim
-from modules.conditioning import ClipConditioner
+from modules.core import optim
+from modules.stages.conditioning import ClipConditioner
 from modules.diffusion import Objective
 from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
-from modules.validation import log_fixed_timestep_losses
-from modules.hparams import as_config, init_args, to_plain
+from modules.stages.validation import log_fixed_timestep_losses
+from modules.core.hparams import as_config, init_args, to_plain
 from modules.networks.prior_transformer import PriorConfig, PriorTransformer
-from modules.prior_metrics import RunningMean, compare_to_baselines
+from modules.stages.prior_metrics import RunningMean, compare_to_baselines
 
 DROP_KEYS = ("drop_text",)
 TEXT_KEYS = ("text_embed", "text_tokens", "text_mask")

@@ -6,7 +6,6 @@ text embedding z_t straight to the decoder? Both arms use the same captions and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -16,10 +15,9 @@ from typing import Any
 
 import torch
 
-from datamodules.stages import expand_shards
-from modules.cli import UserError, register
-from modules.pipeline import GenerateConfig, PriorMode, UnCLIPPipeline
-from modules.shapes_evaluator import accuracy_table, evaluate_image
+from datamodules.steps import expand_shards
+from modules.pipelines.unclip import GenerateConfig, PriorMode, UnCLIPPipeline
+from modules.evaluation.shapes_evaluator import accuracy_table, evaluate_image
 
 
 def val_captions(pattern: str, n: int) -> list[str]:
@@ -46,37 +44,22 @@ def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int 
     return {"table": accuracy_table(rows), "rows": rows}, images
 
 
-def cmd_evaluate_shapes(argv: list[str]) -> int:
-    from modules.pipeline_commands import _load_pipeline, save_images
+def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, seed: int = 0, steps: int | None = None,
+                    upsample: bool = True) -> dict[str, Any]:
+    """Score `captions` with and without the prior; writes `out/{prior,text}/` (rows.json, images)
+    and `out/shapes_accuracy.json`, and returns that report."""
+    from modules.core.images import save_images
 
-    p = argparse.ArgumentParser(prog="unclip evaluate-shapes",
-                                description="Shapes compositional accuracy with and without the prior.")
-    p.add_argument("--pipeline", required=True)
-    p.add_argument("--shards", required=True, help="val shards whose captions are the prompts")
-    p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="decoder DDIM steps (default: the decoder's own)")
-    p.add_argument("--no-upsample", action="store_true", help="score at the decoder's resolution")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    pipe = _load_pipeline(a.pipeline)
-    captions = val_captions(a.shards, a.num_prompts)
-    if not captions:
-        raise UserError(f"no captions found in {a.shards}")
-    out = Path(a.out)
-    report: dict[str, Any] = {"num_prompts": len(captions), "seed": a.seed, "decoder_steps": a.steps,
-                              "resolution": "decoder" if a.no_upsample else "final"}
+    report: dict[str, Any] = {"num_prompts": len(captions), "seed": seed, "decoder_steps": steps,
+                              "resolution": "final" if upsample else "decoder"}
     for mode in (PriorMode.PRIOR, PriorMode.TEXT):
         if mode is PriorMode.PRIOR and pipe.prior is None:
             continue
-        result, images = score(pipe, captions, mode, a.seed, a.steps, upsample=not a.no_upsample)
+        result, images = score(pipe, captions, mode, seed, steps, upsample=upsample)
         report[mode.value] = result["table"]
         (out / mode.value).mkdir(parents=True, exist_ok=True)
         (out / mode.value / "rows.json").write_text(json.dumps(result["rows"], indent=1))
-        save_images(images[:64], out / mode.value / "images", 8, 8)
+        save_images(images[:64], out / mode.value / "images", 8)
         print(f"{mode.value:>6}: {json.dumps(result['table'])}")
     (out / "shapes_accuracy.json").write_text(json.dumps(report, indent=2))
-    return 0
-
-
-register("evaluate-shapes", cmd_evaluate_shapes)
+    return report

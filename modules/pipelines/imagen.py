@@ -20,16 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from modules.core.images import to_unit
 from modules.diffusion.config import SamplingConfig
-from modules.pipeline import (
-    STAGE_CLASSES,
-    PipelineError,
-    atomic_directory,
-    load_stage,
-    load_stage_checkpoint,
-    read_spec,
-    save_stage,
-)
+from modules.core.errors import PipelineError
+from modules.pipelines.store import atomic_directory, load_stage, load_stage_checkpoint, read_spec, save_stage
+from modules.stages.registry import STAGE_CLASSES, StageKind
 
 FORMAT, VERSION = "imagen-pipeline", 1
 
@@ -74,8 +69,8 @@ class ImagenPipeline(nn.Module):
     def from_checkpoints(cls, base: str, upsamplers: list[str] | None = None) -> ImagenPipeline:
         """From Lightning checkpoints (loaded with `weights_only=True`; EMA weights if averaged)."""
         return cls(
-            load_stage_checkpoint("decoder", base, STAGE_CLASSES["decoder"][0]),
-            [load_stage_checkpoint("upsampler", p, STAGE_CLASSES["upsampler"][0]) for p in upsamplers or []],
+            load_stage_checkpoint(StageKind.DECODER, base, STAGE_CLASSES[StageKind.DECODER][0]),
+            [load_stage_checkpoint(StageKind.UPSAMPLER, p, STAGE_CLASSES[StageKind.UPSAMPLER][0]) for p in upsamplers or []],
         )
 
     def save(self, directory: str | Path) -> Path:
@@ -89,8 +84,8 @@ class ImagenPipeline(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ImagenPipeline:
         directory = Path(directory)
         spec, spec_path = read_spec(directory, FORMAT, VERSION, required=("base",))
-        base = load_stage("decoder", spec["base"], directory, spec_path)
-        ups = [load_stage("upsampler", e, directory, spec_path) for e in spec.get("upsamplers", [])]
+        base = load_stage(StageKind.DECODER, spec["base"], directory, spec_path)
+        ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in spec.get("upsamplers", [])]
         return cls(base, ups).to(device)
 
     # -- generation ------------------------------------------------------------------------------
@@ -120,4 +115,4 @@ class ImagenPipeline(nn.Module):
         expanded = [p for p in prompts for _ in range(num_images)]
         generator = torch.Generator(device="cpu").manual_seed(seed)
         out = [self.cascade(expanded[i : i + cfg.batch_size], cfg, generator) for i in range(0, len(expanded), cfg.batch_size)]
-        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+        return to_unit(torch.cat(out))

@@ -15,33 +15,24 @@ generator seeded `seed + i`; KID/IS subset draws are seeded too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from modules.cli import UserError, register
+from modules.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-    from modules.decoder_module import DecoderModule
+    from modules.stages.decoder import DecoderModule
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = "unclip-evaluate/1"
-
-
-class Stage(str, Enum):
-    DECODER = "decoder"
-
-
-STAGE_CLASSES = {"modules.decoder_module.DecoderModule": Stage.DECODER}  # checkpoint `_class_path` -> stage
 
 
 class ImageGenerator(Protocol):
@@ -75,7 +66,7 @@ class DecoderGenerator:
         return self.module.conditioner.encoder(self.module.device)
 
     def generate(self, captions: list[str], *, batch: dict[str, Any] | None = None, generator: torch.Generator | None = None) -> Tensor:
-        from modules.decoder_module import to_unit
+        from modules.core.images import to_unit
 
         if self.needs_images and batch is None:
             raise UserError("the decoder alone needs true image embeddings: evaluate it on --val-shards (or use --pipeline)")
@@ -90,28 +81,29 @@ class DecoderGenerator:
 # -- loading ---------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint through `torch.load(weights_only=True)` (no arbitrary pickle)."""
-    from modules.safe_load import CheckpointReadError, read_lightning_checkpoint
+    from modules.core.safe_load import read_lightning_checkpoint
 
-    try:
-        ckpt = read_lightning_checkpoint(path)
-    except CheckpointReadError as exc:
-        raise UserError(str(exc)) from None
+    ckpt = read_lightning_checkpoint(path)
     if "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not a Lightning stage checkpoint (no hyper_parameters)")
     return ckpt
 
 
-def checkpoint_stage(ckpt: dict[str, Any], stage: Stage | None) -> Stage:
+def check_decoder_checkpoint(ckpt: dict[str, Any], path: str) -> None:
+    """`--checkpoint` evaluates a decoder alone (given true image embeddings); the other stages
+    are evaluated through the images of a `--pipeline`."""
+    from modules.stages.registry import StageKind, stage_kind
+
     class_path = ckpt["hyper_parameters"].get("_class_path")
-    if class_path is not None and class_path not in STAGE_CLASSES:
-        raise UserError(f"no evaluate adapter for {class_path}; known: {', '.join(STAGE_CLASSES)}")
-    return STAGE_CLASSES.get(class_path, stage or Stage.DECODER)
+    if class_path is not None and stage_kind(class_path) is not StageKind.DECODER:
+        raise UserError(f"{path}: --checkpoint takes a decoder checkpoint, this one holds {class_path}; "
+                        "evaluate other stages through a --pipeline")
 
 
 def decoder_from_checkpoint(ckpt: dict[str, Any], cfg: EvalConfig) -> DecoderGenerator:
     import dataclasses
 
-    from modules.decoder_module import DecoderModule
+    from modules.stages.decoder import DecoderModule
 
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     module = DecoderModule(**hparams)
@@ -124,23 +116,19 @@ def decoder_from_checkpoint(ckpt: dict[str, Any], cfg: EvalConfig) -> DecoderGen
     return DecoderGenerator(module.to(cfg.device), sampling)
 
 
-LOADERS = {Stage.DECODER: decoder_from_checkpoint}
-
 
 def load_generator(cfg: EvalConfig) -> tuple[ImageGenerator, dict[str, Any]]:
     """The generator and what the report says about its source."""
     if cfg.pipeline:
-        try:
-            from modules.pipeline import load_pipeline  # contract: load_pipeline(dir, device) -> ImageGenerator
-        except ImportError:
-            raise UserError("--pipeline needs modules/pipeline.py (load_pipeline), which is not available yet") from None
+        from modules.pipelines.unclip import load_pipeline
+
         return load_pipeline(cfg.pipeline, cfg.device), {"pipeline": cfg.pipeline, "checkpoint": None, "stage": "pipeline"}
     if not cfg.checkpoint:
         raise UserError("give --checkpoint or --pipeline")
     ckpt = load_checkpoint(cfg.checkpoint)
-    stage = checkpoint_stage(ckpt, cfg.stage)
-    gen = LOADERS[stage](ckpt, cfg)
-    return gen, {"pipeline": None, "checkpoint": str(cfg.checkpoint), "stage": stage.value, "global_step": ckpt.get("global_step")}
+    check_decoder_checkpoint(ckpt, cfg.checkpoint)
+    gen = decoder_from_checkpoint(ckpt, cfg)
+    return gen, {"pipeline": None, "checkpoint": str(cfg.checkpoint), "stage": "decoder", "global_step": ckpt.get("global_step")}
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -149,7 +137,6 @@ class EvalConfig:
     out: str
     checkpoint: str | None = None
     pipeline: str | None = None
-    stage: Stage | None = None
     prompts: str | None = None
     val_shards: str | None = None
     class_prompts: str | None = None
@@ -189,12 +176,9 @@ def eval_batches(cfg: EvalConfig, image_size: int) -> list[tuple[list[str], dict
             raise UserError("give --val-shards (real images and captions) and/or --prompts")
         cycled = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
         return [(cycled[i : i + cfg.batch_size], None) for i in range(0, cfg.num_samples, cfg.batch_size)]
-    from datamodules.image_text import ImageTextDataModule
+    from datamodules.image_text import ImageTextDataModule, LoaderConfig
 
-    dm = ImageTextDataModule(
-        cfg.val_shards, cfg.val_shards, image_size=image_size, batch_size=cfg.batch_size,
-        num_workers=0, val_samples=cfg.num_samples, tokenizer=None,
-    )  # fmt: skip
+    dm = ImageTextDataModule(cfg.val_shards, cfg.val_shards, image_size=image_size, val_samples=cfg.num_samples, tokenizer=None, loader=LoaderConfig(batch_size=cfg.batch_size, num_workers=0))  # fmt: skip
     dm.setup("validate")
     done = 0
     for batch in dm.val_dataloader():
@@ -216,9 +200,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from callbacks.sample_grid import save_png, tile
-    from modules.evaluate_html import render_html
-    from modules.hparams import to_plain
+    from modules.core.images import save_png, tile
+    from modules.evaluation.report_html import render_html
+    from modules.core.hparams import to_plain
 
     t0 = time.perf_counter()
     cfg.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -294,7 +278,7 @@ def sample_and_score(
     import torch
     from tqdm.auto import tqdm
 
-    from callbacks.sample_grid import save_png
+    from modules.core.images import save_png, to_unit
 
     shown: list[dict[str, str]] = []
     fakes: list[Tensor] = []
@@ -302,7 +286,7 @@ def sample_and_score(
     for i, (captions, batch) in enumerate(tqdm(batches, desc="evaluate: sampling", leave=False)):
         images = gen.generate(captions, batch=batch, generator=torch.Generator(device="cpu").manual_seed(cfg.seed + i))
         shapes.update(images, captions)
-        real = batch["image"].to(cfg.device).add(1).div(2).clamp(0, 1) if batch is not None else None  # [-1, 1] -> [0, 1]
+        real = to_unit(batch["image"].to(cfg.device)) if batch is not None else None
         metrics.update(fake=images, real=real, captions=captions)
         for k in range(min(images.shape[0], cfg.show - len(shown))):
             path = save_png(images[k], out / "images" / f"sample_{len(shown):05d}.png")
@@ -314,13 +298,13 @@ def sample_and_score(
 
 
 class ShapesScorer:
-    """Compositional accuracy (modules.shapes_evaluator) when every prompt is a shapes caption."""
+    """Compositional accuracy (modules.evaluation.shapes_evaluator) when every prompt is a shapes caption."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] | None = []
 
     def update(self, images: Tensor, captions: list[str]) -> None:
-        from modules.shapes_evaluator import evaluate_image
+        from modules.evaluation.shapes_evaluator import evaluate_image
 
         if self.rows is None:
             return
@@ -330,7 +314,7 @@ class ShapesScorer:
             self.rows = None
 
     def table(self) -> dict[str, Any] | None:
-        from modules.shapes_evaluator import accuracy_table
+        from modules.evaluation.shapes_evaluator import accuracy_table
 
         return accuracy_table(self.rows) if self.rows else None
 
@@ -366,41 +350,3 @@ def log_to_wandb(report: dict[str, Any], out: Path) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unclip evaluate", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a stage checkpoint (.ckpt), loaded with weights_only=True")
-    src.add_argument("--pipeline", help="a pipeline directory (modules/pipeline.py)")
-    stages = "{" + ",".join(s.value for s in Stage) + "}"
-    p.add_argument("--stage", type=Stage, choices=list(Stage), metavar=stages, help="stage of --checkpoint when it does not record its class")
-    p.add_argument("--val-shards", help="real images + captions (WebDataset shards), e.g. 'data/shapes/val-*.tar'")
-    p.add_argument("--prompts", help="text file, one prompt per line (cycled); default: the val captions")
-    p.add_argument("--class-prompts", help="text file of class prompts for the CLIP Inception Score (default: the unique prompts)")
-    p.add_argument("--out", required=True, help="output directory (report.json, report.html, images/)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="override the sampling steps")
-    p.add_argument("--guidance-scale", type=float, help="override the classifier-free guidance scale")
-    p.add_argument("--inception-weights", help="local Inception-v3 FID weights (weights-inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--clip-model", help="CLIP for FID_CLIP / CLIP score (default: the checkpoint's CLIP)")
-    p.add_argument("--clip-weights", help="local weights for --clip-model")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--isc-splits", type=int, default=10)
-    p.add_argument("--show", type=int, default=16, help="samples saved and shown in the HTML report")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--wandb", action="store_true", help="also log the report to W&B (offline unless WANDB_MODE=online)")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = vars(build_parser().parse_args(argv))
-    report = evaluate(EvalConfig(**args))
-    m = report["metrics"]
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if v is not None)
-    print(f"unclip evaluate: {report['data']['num_generated']} samples; {summary}; report: {Path(args['out']) / 'report.html'}")
-    return 0
-
-
-register("evaluate", main)

@@ -27,8 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from modules.conditioning import clip_dims, trim_tokens
-from modules.hparams import coerce_fields
+from modules.stages.conditioning import clip_dims, trim_tokens
+from modules.core.hparams import coerce_fields
 from modules.networks.clip import FrozenCLIP, TextEncoding
 from modules.networks.unet import _masked_mean as masked_mean
 

@@ -25,7 +25,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from modules.cli import UserError
+from modules.core.errors import CheckpointReadError, ConfigError, UnsafeCheckpointError, UserError
+from modules.stages.registry import stage_kind
 
 # Config keys whose string value names a file that must exist (`clip_weights`, `pretrained`,
 # `inception_weights`, `ckpt_path`, ...). Lightning's special checkpoint names are exempt.
@@ -33,10 +34,6 @@ PATH_KEY = re.compile(r"(^|_)(weights|pretrained|checkpoint|ckpt|ckpt_path)$")
 SPECIAL_CHECKPOINTS = ("last", "best", "hpc")
 SHARDED_PARAMETER_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 DEBUG_ENV = "UNCLIP_DEBUG"  # set to 1 for full tracebacks of configuration errors
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value that cannot work (reported as one line naming the key)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +48,24 @@ _REASONS: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(r"(\S+) either not accessible or invalid"), lambda m: ("", f"cannot import {m[1]!r}")),
 ]
 _KEY = re.compile(r'Parser key "([^"]+)"')
+
+# Keys that moved: an old YAML or command line gets one line naming the new key.
+LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
+               "multiprocessing_context")
+MOVED_KEYS = {f"data.{k}": f"data.loader.{k}" for k in LOADER_KEYS}
+
+
+def moved_hint(summary: str) -> str:
+    """`summary` with the new name of a key or stage class path that moved, if it names one."""
+    from modules.stages.registry import MOVED_CLASS_PATHS
+
+    key = summary.split(":", 1)[0]
+    if key in MOVED_KEYS and "unknown option" in summary:
+        return f"{key}: moved to {MOVED_KEYS[key]} (DataModules take a nested `loader:` block)"
+    for old, new in MOVED_CLASS_PATHS.items():
+        if old in summary:
+            return f"model.class_path: {old} moved to {new}"
+    return summary
 
 
 def _indent(line: str) -> int:
@@ -111,7 +126,7 @@ def instantiation_error(exc: BaseException, sections: dict[str, str]) -> ConfigE
     else:
         class_path = _class_path_in(text)
         where = f"{sections[class_path]} ({class_path})" if class_path in sections else class_path or "config"
-    return ConfigError(f"{where}: {summarize_error(text)}")
+    return ConfigError(moved_hint(f"{where}: {summarize_error(text)}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +148,7 @@ def named_paths(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
 
 def check_named_files(config: dict[str, Any]) -> None:
     """Raise `ConfigError` naming the first key whose file (or shard pattern) does not exist."""
-    from datamodules.stages import ShardPatternError, expand_shards
+    from datamodules.steps import ShardPatternError, expand_shards
 
     data = (config.get("data") or {}).get("init_args") or {}
     for key, value in data.items():
@@ -153,6 +168,41 @@ def check_named_files(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------------------------
+def run_name(root_dir: str) -> str:
+    """A run's name from its folder: `runs/demo/decoder` -> `demo-decoder`."""
+    parts = [p for p in os.path.normpath(root_dir).split(os.sep) if p not in ("", ".", "runs")]
+    return "-".join(parts) or "run"
+
+
+def add_run_defaults(trainer: pl.Trainer, logger_configured: bool, checkpoint_configured: bool, stage: str | None,
+                     job_type: str | None = None) -> None:
+    """What every run wants, so an experiment YAML states only what differs (one place):
+    a W&B logger (offline unless `WANDB_MODE=online`) in `default_root_dir` when the config names
+    no logger; `ModelCheckpoint` (`last.ckpt` in `<default_root_dir>/checkpoints`, every
+    `val_check_interval` steps) and `SaveOnTrainEnd` (the final step is always saved) unless the
+    config has a checkpoint callback; a `LearningRateMonitor` when something logs."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
+    from callbacks.final_checkpoint import SaveOnTrainEnd
+
+    root = trainer.default_root_dir
+    if not logger_configured:
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        trainer.loggers = [WandbLogger(project="unclip-lightning", name=run_name(root), group=stage, job_type=job_type,
+                                       save_dir=root, offline=offline)]
+    callbacks = trainer.callbacks
+    if not checkpoint_configured and trainer.checkpoint_callback is not None:  # replace Lightning's default one
+        every = trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else None
+        callbacks[:] = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True, every_n_train_steps=every))
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath and not any(isinstance(cb, SaveOnTrainEnd) for cb in callbacks):
+        callbacks.append(SaveOnTrainEnd(checkpoint.dirpath))
+    if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
+        callbacks.insert(0, LearningRateMonitor(logging_interval="step"))
+
+
 def add_reliability(trainer: pl.Trainer) -> None:
     """Atomic checkpoint writes and the reliability callbacks, unless configured otherwise."""
     from callbacks.checkpointing import AtomicCheckpointIO, RNGState
@@ -199,8 +249,6 @@ class UnclipCLI(LightningCLI):
     def _checkpoint_error(self, exc: BaseException) -> BaseException:
         """LightningCLI reads `--ckpt_path`'s hyperparameters with `torch.load(weights_only=True)`
         before anything else: a refused or unreadable file becomes one line naming it."""
-        from callbacks.checkpointing import CheckpointReadError, UnsafeCheckpointError
-
         if not any(f.name == "_parse_ckpt_path" for f in traceback.extract_tb(exc.__traceback__)):
             return exc
         path = self.config[self.config.subcommand].get("ckpt_path")
@@ -234,9 +282,15 @@ class UnclipCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        kind = stage_kind(str((config.get("model") or {}).get("class_path", "")))
+        callbacks = config["trainer"].get("callbacks") or []
+        has_checkpoint = any("ModelCheckpoint" in str(cb.get("class_path", "")) for cb in callbacks)
+        add_run_defaults(trainer, config["trainer"].get("logger") is not None, has_checkpoint, kind.value if kind else None,
+                         self.subcommand)
         add_reliability(trainer)
         return trainer
 
 
 def parse_error(exc: argparse.ArgumentError) -> ConfigError:
-    return ConfigError(summarize_error(str(exc)))
+    return ConfigError(moved_hint(summarize_error(str(exc))))

@@ -16,13 +16,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from modules import optim
-from modules.conditioning import ClipConditioner
+from modules.core import optim
+from modules.core.images import to_unit
+from modules.stages.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
-from modules.validation import log_fixed_timestep_losses
-from modules.hparams import as_config, init_args, to_plain
+from modules.stages.validation import log_fixed_timestep_losses
+from modules.core.hparams import as_config, init_args, to_plain
 from modules.networks.unet import UNet, UNetConfig
-from modules.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
+from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
 DROP_KEYS = ("drop_image", "drop_text")
 
@@ -144,9 +145,4 @@ class DecoderModule(pl.LightningModule):
         gen = generator or torch.Generator(device="cpu").manual_seed(self.hparams.seed)
         images = self.generate(cond, generator=gen)
         return {"samples": to_unit(images), "real": to_unit(batch["image"]), "captions": list(batch.get("caption", []))}
-
-
-def to_unit(images: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1] for image logging."""
-    return ((images.float() + 1) / 2).clamp(0, 1)
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modules.core.images import to_unit
 from modules.diffusion import ddim_invert
 from modules.diffusion.config import SamplingConfig, noise
 from modules.diffusion.schedules import space_timesteps
-from modules.pipeline import GenerateConfig, UnCLIPPipeline
+from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
 
 
 def slerp(a: Tensor, b: Tensor, theta: float | Tensor) -> Tensor:
@@ -50,7 +51,7 @@ def _decode(pipe: UnCLIPPipeline, z_i: Tensor, x_T: Tensor, sampling: SamplingCo
     x = pipe.decoder.generate(kwargs, sampling=sampling, generator=gen, x_T=x_T)
     for up in pipe.upsamplers:
         x = up.generate(x, generator=gen)
-    return ((x + 1) / 2).clamp(0, 1)
+    return to_unit(x)
 
 
 @torch.no_grad()
@@ -58,8 +59,8 @@ def reconstruction_error(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50) 
     """Invert then decode with eta = 0: reconstructions at decoder size, mean |error| in [0, 1] units."""
     z_i, x_T = invert(pipe, images, steps)
     rec = pipe.decoder.generate(pipe.decoder_kwargs(None, z_i), sampling=SamplingConfig(steps=steps, eta=0.0, guidance_scale=1.0), x_T=x_T)
-    rec = ((rec + 1) / 2).clamp(0, 1)
-    target = (to_decoder_input(pipe, images) + 1) / 2
+    rec = to_unit(rec)
+    target = to_unit(to_decoder_input(pipe, images))
     return rec, (rec - target).abs().mean().item()
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from modules.hparams import coerce_fields
+from modules.core.hparams import coerce_fields
 
 
 class Augmentation(str, Enum):

@@ -11,43 +11,12 @@ import json
 import math
 from pathlib import Path
 
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch import Tensor
-
-from modules.cli import UserError, register
-
-
-def save_images(images: Tensor, out: Path, rows: int, per_row: int) -> None:
-    """images (N, 3, H, W) in [0, 1] -> out/{row:03d}_{col:02d}.png and out/grid.png."""
-    from torchvision.utils import make_grid
-
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for n, arr in enumerate(arrays):
-        Image.fromarray(arr).save(out / f"{n // per_row:03d}_{n % per_row:02d}.png")
-    grid = make_grid(images.cpu(), nrow=per_row, padding=2, pad_value=1.0)
-    Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(out / "grid.png")
-
-
-def load_image(path: str) -> Tensor:
-    """(1, 3, H, W) in [0, 1]; one clear error for a missing or non-image file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"image file not found: {p}")
-    try:
-        with Image.open(p) as im:
-            import numpy as np
-
-            arr = np.array(im.convert("RGB"), dtype="uint8")
-    except (UnidentifiedImageError, OSError):
-        raise UserError(f"not an image file: {p}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+from modules.core.errors import UserError
 
 
 def _load_pipeline(path: str):
     """A pipeline directory; a bad one raises `PipelineError`, a `UserError` (one line, exit 2)."""
-    from modules.pipeline import UnCLIPPipeline
+    from modules.pipelines.unclip import UnCLIPPipeline
 
     return UnCLIPPipeline.load(path)
 
@@ -74,14 +43,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the decoder")
 
 
-def cmd_pipeline(argv: list[str]) -> int:
-    from modules.pipeline import UnCLIPPipeline
+def assemble(argv: list[str]) -> int:
+    from modules.pipelines.unclip import UnCLIPPipeline
 
     p = argparse.ArgumentParser(prog="unclip pipeline", description="Assemble stage checkpoints into a pipeline directory.")
     p.add_argument("--clip-model", required=True)
     p.add_argument("--clip-weights", default=None, help="CLIP weights file or CLIP-stage checkpoint")
     p.add_argument("--prior", default=None, help="prior stage checkpoint")
-    p.add_argument("--prior-class", default="modules.prior_module.PriorModule")
+    p.add_argument("--prior-class", default="modules.stages.prior.PriorModule")
     p.add_argument("--decoder", required=True, help="decoder stage checkpoint")
     p.add_argument("--upsampler", action="append", default=[], help="upsampler checkpoint (repeat, low to high)")
     p.add_argument("--out", required=True)
@@ -92,9 +61,10 @@ def cmd_pipeline(argv: list[str]) -> int:
     return 0
 
 
-def cmd_generate(argv: list[str]) -> int:
+def generate(argv: list[str]) -> int:
+    from modules.core.images import save_images
     from modules.diffusion.config import SamplingConfig
-    from modules.pipeline import GenerateConfig, PriorMode
+    from modules.pipelines.unclip import GenerateConfig, PriorMode
 
     p = argparse.ArgumentParser(prog="unclip generate", description="Text to image with a pipeline directory.")
     _common(p)
@@ -118,14 +88,17 @@ def cmd_generate(argv: list[str]) -> int:
         cfg.prior_sampling = SamplingConfig(**{**vars(pipe.prior.sampling), "guidance_scale": a.prior_guidance})
     images = pipe.generate(prompts, a.num_images, seed=a.seed, config=cfg)
     out = Path(a.out)
-    save_images(images, out, len(prompts), a.num_images)
+    save_images(images, out, a.num_images)
     (out / "prompts.json").write_text(json.dumps({f"{i:03d}": t for i, t in enumerate(prompts)}, indent=2))
     print(f"{len(images)} images of {images.shape[-1]} px written to {out}")
     return 0
 
 
-def cmd_vary(argv: list[str]) -> int:
-    from modules import manipulations
+def vary(argv: list[str]) -> int:
+    import torch
+
+    from modules.core.images import load_image, save_images, to_unit
+    from modules.pipelines import manipulations
 
     p = argparse.ArgumentParser(prog="unclip vary", description="Variations of images (paper §3.1).")
     _common(p)
@@ -135,17 +108,18 @@ def cmd_vary(argv: list[str]) -> int:
     a = p.parse_args(argv)
     loaded = [load_image(i) for i in a.image]
     pipe = _load_pipeline(a.pipeline)
-    images = torch.cat([(manipulations.to_decoder_input(pipe, im) + 1) / 2 for im in loaded])
+    images = torch.cat([to_unit(manipulations.to_decoder_input(pipe, im)) for im in loaded])
     out = manipulations.variations(pipe, images, a.num_images, a.eta, a.steps, seed=a.seed)
-    save_images(out, Path(a.out), len(a.image), a.num_images)
+    save_images(out, Path(a.out), a.num_images)
     _, err = manipulations.reconstruction_error(pipe, images, a.steps)
     (Path(a.out) / "inputs.json").write_text(json.dumps({"images": a.image, "eta": a.eta, "inversion_mae": err}, indent=2))
     print(f"variations written to {a.out} (DDIM inversion round-trip mean |error| {err:.4f})")
     return 0
 
 
-def cmd_interpolate(argv: list[str]) -> int:
-    from modules import manipulations
+def interpolate(argv: list[str]) -> int:
+    from modules.core.images import load_image, save_images
+    from modules.pipelines import manipulations
 
     p = argparse.ArgumentParser(prog="unclip interpolate", description="Interpolate between two images (§3.2).")
     _common(p)
@@ -156,13 +130,14 @@ def cmd_interpolate(argv: list[str]) -> int:
         raise UserError("--image must be given exactly twice")
     pipe = _load_pipeline(a.pipeline)
     out = manipulations.interpolate(pipe, load_image(a.image[0]), load_image(a.image[1]), a.num_images, a.steps, seed=a.seed)
-    save_images(out, Path(a.out), 1, a.num_images)
+    save_images(out, Path(a.out), a.num_images)
     (Path(a.out) / "inputs.json").write_text(json.dumps({"images": a.image}, indent=2))
     return 0
 
 
-def cmd_textdiff(argv: list[str]) -> int:
-    from modules import manipulations
+def textdiff(argv: list[str]) -> int:
+    from modules.core.images import load_image, save_images
+    from modules.pipelines import manipulations
 
     p = argparse.ArgumentParser(prog="unclip textdiff", description="Text diffs (§3.3).")
     _common(p)
@@ -176,11 +151,6 @@ def cmd_textdiff(argv: list[str]) -> int:
         raise UserError("captions must not be empty")
     pipe = _load_pipeline(a.pipeline)
     out = manipulations.text_diff(pipe, load_image(a.image), a.base_caption, a.caption, a.num_images, a.max_theta, a.steps, seed=a.seed)
-    save_images(out, Path(a.out), 1, a.num_images)
+    save_images(out, Path(a.out), a.num_images)
     (Path(a.out) / "inputs.json").write_text(json.dumps(vars(a), indent=2))
     return 0
-
-
-for _name, _fn in {"pipeline": cmd_pipeline, "generate": cmd_generate, "vary": cmd_vary,
-                   "interpolate": cmd_interpolate, "textdiff": cmd_textdiff}.items():
-    register(_name, _fn)

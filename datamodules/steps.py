@@ -1,14 +1,14 @@
-"""Small named WebDataset pipeline stages shared by every DataModule.
+"""Small named WebDataset pipeline steps shared by every DataModule.
 
 A pipeline reads as the list in `STYLE.md`:
 shard list -> deterministic shuffle seeded by (seed, epoch) -> split by node -> split by worker
 -> tar to samples without throwing (count and skip) -> decode -> filter -> augment -> batch.
 
-Each stage is a callable `stage(src) -> iterator`: a module-level generator function, or an
-instance of a small class holding the stage's settings. So a pipeline is
-`wds.DataPipeline(stage_a, stage_b, ...)`, every stage can be tested alone, and a whole pipeline
+Each step is a callable `step(src) -> iterator`: a module-level generator function, or an
+instance of a small class holding the step's settings. So a pipeline is
+`wds.DataPipeline(step_a, step_b, ...)`, every step can be tested alone, and a whole pipeline
 pickles: DataLoader workers started by `spawn` / `forkserver` (macOS, Windows, or Linux by
-choice: `LoaderConfig.multiprocessing_context`) receive it by pickling. Stages that share a
+choice: `LoaderConfig.multiprocessing_context`) receive it by pickling. Steps that share a
 `SkipCounter` still share it in the worker (pickle keeps shared references).
 """
 
@@ -33,13 +33,15 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from modules.core.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 Sample = dict[str, Any]
 
 
-class ShardPatternError(ValueError):
+class ShardPatternError(DataError):
     """A shard pattern that names no readable file (one clear line, no traceback)."""
 
 
@@ -102,7 +104,7 @@ class SkipCounter:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard-level stages
+# Shard-level steps
 # ---------------------------------------------------------------------------------------------
 class ShardList(IterableDataset):
     """Shard URLs, shuffled by a `random.Random((seed, epoch))`; the epoch advances per pass.
@@ -192,7 +194,7 @@ class TarToSamples:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample-level stages
+# Sample-level steps
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class CaptionRules:
@@ -207,7 +209,7 @@ class DecodeSamples:
 
     Samples with a missing/undecodable image or a missing/empty/over-long/non-UTF-8 caption are
     skipped and counted by reason. `extra` names further members (e.g. embedding `.npy`s) to pass
-    through as raw bytes for a later stage to decode.
+    through as raw bytes for a later step to decode.
     """
 
     def __init__(self, counter: SkipCounter, rules: CaptionRules | None = None, extra: tuple[str, ...] = ()) -> None:
@@ -256,7 +258,7 @@ class DecodeSamples:
 
 class SampleShuffle:
     """Reservoir shuffle with an RNG seeded by (seed, rank, worker, epoch): deterministic per run,
-    different every epoch. A pipeline stage (`stage(src) -> iterator`) with `set_epoch`."""
+    different every epoch. A pipeline step (`step(src) -> iterator`) with `set_epoch`."""
 
     def __init__(self, bufsize: int, seed: int, rank: int = 0) -> None:
         self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, 0
@@ -348,7 +350,7 @@ class ShapeGuard:
     """Drops samples whose tensor shapes disagree with the stream's (a wrong-size embedding would
     otherwise crash the collate). The reference is the most common signature of the first
     `window` samples; a later sample is dropped when a field it shares with the reference has
-    another shape (fields it lacks are other stages' business). Counted as `wrong_shape_<field>`."""
+    another shape (fields it lacks are other steps' business). Counted as `wrong_shape_<field>`."""
 
     def __init__(self, counter: SkipCounter, window: int) -> None:
         self.counter, self.window = counter, max(1, window)

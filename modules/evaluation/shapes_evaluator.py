@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from datamodules.shapes import COLORS, Obj, Relation, parse_caption
+from datamodules.shapes.grammar import COLORS, Obj, Relation, parse_caption
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (6, 3)
 PALETTE_NAMES = list(COLORS)

@@ -13,13 +13,8 @@ from typing import Any
 
 import torch
 
+from modules.core.errors import CheckpointReadError, UnsafeCheckpointError
 
-class CheckpointReadError(ValueError):
-    """A checkpoint file that cannot be read (truncated, not a torch file)."""
-
-
-class UnsafeCheckpointError(CheckpointReadError):
-    """A checkpoint that `torch.load(weights_only=True)` refuses (it would need arbitrary pickle)."""
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:

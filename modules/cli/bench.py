@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from modules.cli import register
 
-
-def bench_command(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     from benchmarks import run_all
 
     return run_all.main(argv)
-
-
-register("bench", bench_command)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules import optim
-from modules.conditioning import ClipConditioner
-from modules.hparams import as_config, init_args, to_plain
+from modules.core import optim
+from modules.stages.conditioning import ClipConditioner
+from modules.core.hparams import as_config, init_args, to_plain
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer
-from modules.prior_metrics import RunningMean, compare_to_baselines
-from modules.prior_module import TEXT_KEYS, repeat_rows, select_best
+from modules.stages.prior_metrics import RunningMean, compare_to_baselines
+from modules.stages.prior import TEXT_KEYS, repeat_rows, select_best
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Training (DDPM Algorithm 1 on pairs): the low-res input is made by downsampling the high-res
 target; both are randomly cropped at aligned offsets (a quarter of the target size by default);
 the low-res crop is corrupted at a random strength s (noise conditioning augmentation, see
-`modules.degradations`) and the U-Net sees the noisy target, the corrupted low-res image and s.
+`modules.stages.degradations`) and the U-Net sees the noisy target, the corrupted low-res image and s.
 Sampling runs the same convolutional U-Net at the full size with DDIM and few steps (paper: 27
 for 64->256, 15 for 256->1024), with s a configured constant. EMA of the weights is Lightning's
 `EMAWeightAveraging` callback, set in the experiment YAML.
@@ -11,7 +11,7 @@ for 64->256, 15 for 256->1024), with s a configured constant. EMA of the weights
 Imagen's upsamplers (Saharia et al. 2022) are also text-conditional: with a `text_encoder` the
 U-Net attends to the caption's token encodings (and adds their pooled mean to the timestep
 embedding), the caption is dropped for classifier-free guidance, and `generate(..., text=)` takes
-the caption conditioning (see `modules.text_encoders`).
+the caption conditioning (see `modules.stages.text_encoders`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules import optim
-from modules.decoder_module import to_unit
-from modules.degradations import DegradationConfig, Resampling, resize
+from modules.core import optim
+from modules.core.images import to_unit
+from modules.stages.degradations import DegradationConfig, Resampling, resize
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
-from modules.validation import log_fixed_timestep_losses
-from modules.hparams import as_config, enum_member, init_args, to_plain
+from modules.stages.validation import log_fixed_timestep_losses
+from modules.core.hparams import as_config, enum_member, init_args, to_plain
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
-from modules.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
+from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
 
 def unet_config(value: SuperResUNetConfig | dict | None) -> SuperResUNetConfig:

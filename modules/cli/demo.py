@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from modules.cli import UserError, register
+from modules.core.errors import UserError
 
 DEMO_PROMPTS = [
     "a red circle", "a blue square", "a green triangle", "a yellow circle",
@@ -39,7 +39,7 @@ TEXT_DIFF = ("a red circle", "a blue circle")  # base caption of input 0 -> new 
 
 
 @dataclass
-class Stage:
+class Step:
     name: str
     run: Callable[[], None]
 
@@ -52,7 +52,7 @@ def _check(cmd: list[str]) -> None:
     print("+ " + " ".join(cmd), flush=True)
     result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        raise UserError(f"stage command failed (exit {result.returncode}): {' '.join(cmd)}")
+        raise UserError(f"demo step failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
 def _fit(stage: str, extra: list[str] | None = None) -> None:
@@ -60,7 +60,7 @@ def _fit(stage: str, extra: list[str] | None = None) -> None:
 
 
 class Demo:
-    """The demo's stages, in order, over one output layout (fixed by experiments/demo/*.yaml)."""
+    """The demo's steps, in order, over one output layout (fixed by experiments/demo/*.yaml)."""
 
     def __init__(self, out: Path, num_samples: int, eval_prompts: int) -> None:
         self.out, self.num_samples, self.eval_prompts = out, num_samples, eval_prompts
@@ -71,22 +71,22 @@ class Demo:
     def ckpt(self, stage: str) -> str:
         return str(self.out / stage / "checkpoints" / "last.ckpt")
 
-    def stages(self) -> list[Stage]:
+    def steps(self) -> list[Step]:
         return [
-            Stage("data", lambda: _check(_python() + ["data", "shapes", "--out", str(self.data), "--num-samples",
+            Step("data", lambda: _check(_python() + ["data", "shapes", "--out", str(self.data), "--num-samples",
                                                        str(self.num_samples), "--size", "64", "--seed", "0"])),
-            Stage("clip", lambda: _fit("clip")),
-            Stage("embed", lambda: _check(_python() + ["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
+            Step("clip", lambda: _fit("clip")),
+            Step("embed", lambda: _check(_python() + ["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
                                                         "--shards", str(self.data / "*.tar"), "--out", str(self.emb)])),
-            Stage("prior", lambda: _fit("prior")),
-            Stage("decoder", lambda: _fit("decoder")),
-            Stage("superres", lambda: _fit("superres")),
-            Stage("pipeline", lambda: _check(_python() + [
+            Step("prior", lambda: _fit("prior")),
+            Step("decoder", lambda: _fit("decoder")),
+            Step("superres", lambda: _fit("superres")),
+            Step("pipeline", lambda: _check(_python() + [
                 "pipeline", "--clip-model", "tiny-vit", "--clip-weights", self.ckpt("clip"), "--prior", self.ckpt("prior"),
                 "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--out", str(self.pipeline)])),
-            Stage("generate", self.generate),
-            Stage("evaluate", self.evaluate),
-            Stage("manipulate", self.manipulate),
+            Step("generate", self.generate),
+            Step("evaluate", self.evaluate),
+            Step("manipulate", self.manipulate),
         ]
 
     def generate(self) -> None:
@@ -104,7 +104,8 @@ class Demo:
                             "--out", str(report)])
 
     def manipulate(self) -> None:
-        from datamodules.shapes import draw_scene, layout_scene, parse_caption
+        from datamodules.shapes.scene import draw_scene, layout_scene
+        from datamodules.shapes.grammar import parse_caption
 
         out = self.out / "manip"
         out.mkdir(parents=True, exist_ok=True)
@@ -124,42 +125,40 @@ class Demo:
     def run(self, force: bool, only: list[str] | None) -> dict[str, float]:
         timings_path = self.out / "timings.json"
         timings = json.loads(timings_path.read_text()) if timings_path.exists() and not force else {}
-        for stage in self.stages():
-            if only and stage.name not in only:
+        for step in self.steps():
+            if only and step.name not in only:
                 continue
-            done = self.out / stage.name / "DONE"
+            done = self.out / step.name / "DONE"
             if done.exists() and not force and not only:
-                print(f"== {stage.name}: done before ({timings.get(stage.name, 0):.0f} s), skipped", flush=True)
+                print(f"== {step.name}: done before ({timings.get(step.name, 0):.0f} s), skipped", flush=True)
                 continue
-            print(f"== {stage.name}", flush=True)
+            print(f"== {step.name}", flush=True)
             start = time.perf_counter()
-            stage.run()
-            timings[stage.name] = round(time.perf_counter() - start, 1)
+            step.run()
+            timings[step.name] = round(time.perf_counter() - start, 1)
             done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(f"{timings[stage.name]}\n")
+            done.write_text(f"{timings[step.name]}\n")
             timings_path.write_text(json.dumps(timings, indent=2))
         return timings
 
 
-def cmd_demo(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="unclip demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output root (the demo YAMLs expect runs/demo)")
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--eval-prompts", type=int, default=200, help="val captions scored with and without the prior")
-    p.add_argument("--force", action="store_true", help="redo finished stages")
-    p.add_argument("--only", nargs="*", help="run only these stages")
+    p.add_argument("--force", action="store_true", help="redo finished steps")
+    p.add_argument("--only", nargs="*", help="run only these steps")
     a = p.parse_args(argv)
     if Path(a.out) != Path("runs/demo"):
         raise UserError("--out must be runs/demo (the paths in experiments/demo/*.yaml)")
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
     timings = Demo(Path(a.out), a.num_samples, a.eval_prompts).run(a.force, a.only)
-    print("\nstage        seconds")
+    print("\nstep         seconds")
     for name, secs in timings.items():
         print(f"{name:<12} {secs:>7.1f}")
     print(f"{'total':<12} {sum(timings.values()):>7.1f}   (this invocation: {time.perf_counter() - start:.1f} s)")
     print(f"\nsamples: {a.out}/samples/grid.png   report: {a.out}/report/report.html   manipulations: {a.out}/manip/*/grid.png")
     return 0
 
-
-register("demo", cmd_demo)

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from modules.cli import UserError, register
+from modules.core.errors import UserError
 
 
 def weights_identity(weights: str | None) -> dict[str, Any] | None:
@@ -47,11 +47,11 @@ def export_embeddings(
     from torch.utils.data import DataLoader
 
     from callbacks.embedding_writer import EmbeddingWriter
-    from datamodules import embeddings, stages
-    from modules.clip_module import CLIPEmbedder
+    from datamodules import embeddings, steps
+    from modules.stages.clip import CLIPEmbedder
 
-    rank, world = stages.rank_and_world()  # one process per rank (torchrun): shards dealt by rank
-    urls = stages.expand_shards(shards)[rank::world]
+    rank, world = steps.rank_and_world()  # one process per rank (torchrun): shards dealt by rank
+    urls = steps.expand_shards(shards)[rank::world]
     names = [Path(u).name for u in urls]
     if len(set(names)) != len(names):
         raise UserError("source shards must have distinct file names (outputs are named like them)")
@@ -104,7 +104,7 @@ def export_embeddings(
     }
 
 
-def embed_command(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="unclip embed", description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--clip", required=True, help="open_clip model name (e.g. tiny-vit, ViT-H-14)")
     parser.add_argument("--weights", required=True, help="local weights file or CLIP-stage checkpoint; 'none' = random init")
@@ -139,5 +139,3 @@ def embed_command(argv: list[str]) -> int:
     )
     return 0
 
-
-register("embed", embed_command)

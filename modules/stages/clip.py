@@ -13,11 +13,11 @@ Validation (all under `val/`):
   a red circle" and "a red circle" match, as do "A left of B" and "B right of A"; any other
   caption is compared verbatim, which for unique captions is the usual paired-item recall).
 - `zeroshot_acc`: zero-shot (colour, shape) classification of single-object shapes images among
-  the 18 classes `shapes.ALL_OBJECTS`, classifier = mean prompt embedding over the templates
+  the 18 classes `grammar.ALL_OBJECTS`, classifier = mean prompt embedding over the templates
   (CLIP's prompt ensembling). `zeroshot_color_acc` / `zeroshot_shape_acc` split that decision.
   Two-object images have no single label: `zeroshot_pair_acc` counts the top-1 class being one of
-  the two objects present. Labels come from the caption, whose grammar `shapes.parse_caption`
-  inverts exactly (it is generated from the sample's `.json` truth by `shapes.describe`).
+  the two objects present. Labels come from the caption, whose grammar `grammar.parse_caption`
+  inverts exactly (it is generated from the sample's `.json` truth by `grammar.describe`).
 
 `CLIPEmbedder` is the predict-time module behind `unclip embed`: a `FrozenCLIP` that turns
 image/caption batches into z_i, z_t and the caption's token encodings.
@@ -38,15 +38,15 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from datamodules import shapes
-from modules import optim
-from modules.hparams import as_config, to_plain
+from datamodules.shapes import grammar
+from modules.core import optim
+from modules.core.hparams import as_config, to_plain
 from modules.networks.clip import FrozenCLIP, create_clip, image_input_spec, to_clip_input
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature so logits are scaled by <= 100
 NO_DECAY_NAMES = ("logit_scale", "embedding", "logit_bias")
 ZERO_SHOT_METRICS = ("acc", "color_acc", "shape_acc", "pair_acc")
-_MIRROR = {shapes.Relation.RIGHT.value: shapes.Relation.LEFT.value, shapes.Relation.BELOW.value: shapes.Relation.ABOVE.value}
+_MIRROR = {grammar.Relation.RIGHT.value: grammar.Relation.LEFT.value, grammar.Relation.BELOW.value: grammar.Relation.ABOVE.value}
 
 
 class CLIPModule(pl.LightningModule):
@@ -62,7 +62,7 @@ class CLIPModule(pl.LightningModule):
             gathered columns / backpropagate through the all-gather).
         grad_checkpointing: recompute transformer activations in backward (memory for compute).
         zero_shot: run the shapes zero-shot classification in validation.
-        zero_shot_templates: prompt templates (`{}` = "a red circle"); None = `shapes.TEMPLATES`.
+        zero_shot_templates: prompt templates (`{}` = "a red circle"); None = `grammar.TEMPLATES`.
         recall_ks: K values of recall@K.
     Mixed precision is the Trainer's `precision` switch (e.g. `bf16-mixed`).
     """
@@ -93,7 +93,7 @@ class CLIPModule(pl.LightningModule):
         self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True)
         self.local_loss_fn = ClipLoss()  # validation batches differ in size across ranks: no gathering
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.templates = list(zero_shot_templates or shapes.TEMPLATES)
+        self.templates = list(zero_shot_templates or grammar.TEMPLATES)
         self.val_loss = MeanMetric()
         # Accuracies as means of 0/1 hits: every rank computes (and syncs) even with no updates.
         self.zero_shot_metrics = nn.ModuleDict({name: MeanMetric() for name in ZERO_SHOT_METRICS})
@@ -172,12 +172,12 @@ class CLIPModule(pl.LightningModule):
     def zero_shot_classifier(self) -> Tensor:
         """(C, D) unit-norm class embeddings: the mean over templates of each class's prompts."""
         prompts = [
-            shapes.describe({"objects": [obj._asdict()], "relation": None, "template": t})
-            for obj in shapes.ALL_OBJECTS
+            grammar.describe({"objects": [obj._asdict()], "relation": None, "template": t})
+            for obj in grammar.ALL_OBJECTS
             for t in self.templates
         ]
         z = self.model.encode_text(self.tokenizer(prompts).to(self.device), normalize=True)  # (C*T, D)
-        z = z.float().view(len(shapes.ALL_OBJECTS), len(self.templates), -1).mean(dim=1)
+        z = z.float().view(len(grammar.ALL_OBJECTS), len(self.templates), -1).mean(dim=1)
         return F.normalize(z, dim=-1)
 
     def _update_zero_shot(self, logits: Tensor, labels: Tensor) -> None:
@@ -187,7 +187,7 @@ class CLIPModule(pl.LightningModule):
         m = self.zero_shot_metrics
         if single.any():
             p, y = pred[single], labels[single, 0]
-            n_shapes = len(shapes.SHAPES)  # class = colour index * n_shapes + shape index
+            n_shapes = len(grammar.SHAPES)  # class = colour index * n_shapes + shape index
             m["acc"].update((p == y).float())
             m["color_acc"].update((p // n_shapes == y // n_shapes).float())
             m["shape_acc"].update((p % n_shapes == y % n_shapes).float())
@@ -227,7 +227,7 @@ def caption_content(caption: str) -> str:
     """What a caption says, independent of template and of relation direction (shapes grammar);
     other captions are returned unchanged."""
     try:
-        objs, relation, _ = shapes.parse_caption(caption)
+        objs, relation, _ = grammar.parse_caption(caption)
     except ValueError:
         return caption
     if relation in _MIRROR:
@@ -242,13 +242,13 @@ def content_id(caption: str) -> int:
 
 
 def shapes_labels(captions: list[str]) -> Tensor:
-    """(B, 2) class indices into `shapes.ALL_OBJECTS` of the captioned objects; -1 where absent
+    """(B, 2) class indices into `grammar.ALL_OBJECTS` of the captioned objects; -1 where absent
     (second column for one-object scenes, both for captions outside the shapes grammar)."""
-    index = {obj: i for i, obj in enumerate(shapes.ALL_OBJECTS)}
+    index = {obj: i for i, obj in enumerate(grammar.ALL_OBJECTS)}
     labels = torch.full((len(captions), 2), -1, dtype=torch.long)
     for row, caption in enumerate(captions):
         try:
-            objs, _, _ = shapes.parse_caption(caption)
+            objs, _, _ = grammar.parse_caption(caption)
         except ValueError:
             continue
         for col, obj in enumerate(objs):

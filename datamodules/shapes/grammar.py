@@ -1,0 +1,80 @@
+"""The shapes grammar: colours, shapes, relations and caption templates; captions from a scene
+description and back (`describe` / `parse_caption`).
+
+Shared by the shard writer, the CLIP stage's zero-shot probe, the compositional evaluator and the
+demo, so that every one of them reads and writes the same language.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, NamedTuple
+
+
+class Shape(str, Enum):
+    CIRCLE = "circle"
+    SQUARE = "square"
+    TRIANGLE = "triangle"
+
+
+class Relation(str, Enum):
+    LEFT = "to the left of"
+    RIGHT = "to the right of"
+    ABOVE = "above"
+    BELOW = "below"
+
+
+COLORS: dict[str, tuple[int, int, int]] = {  # exact fill RGB
+    "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
+    "yellow": (230, 200, 40), "purple": (140, 60, 180), "orange": (240, 130, 30)}
+SHAPES: tuple[str, ...] = tuple(s.value for s in Shape)
+RELATIONS: tuple[str, ...] = tuple(r.value for r in Relation)
+TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "a drawing of {}")
+
+
+class Obj(NamedTuple):
+    """One object identity: a (colour, shape) pair."""
+
+    color: str
+    shape: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Obj":
+        color, _, shape = text.strip().partition(":")
+        if color not in COLORS or shape not in SHAPES:
+            raise ValueError(f"bad object {text!r}: expected COLOR:SHAPE with COLOR in "
+                             f"{sorted(COLORS)} and SHAPE in {list(SHAPES)}")
+        return cls(color, shape)
+
+
+ALL_OBJECTS: tuple[Obj, ...] = tuple(Obj(c, s) for c in COLORS for s in SHAPES)
+
+
+# ----------------------------------------------------------------------------- captions
+def _phrase(obj: dict[str, Any]) -> str:
+    article = "an" if obj["color"][0] in "aeiou" else "a"
+    return f"{article} {obj['color']} {obj['shape']}"
+
+
+def describe(truth: dict[str, Any]) -> str:
+    """Caption of a truth dict: its template filled with "a red circle [REL a blue square]"."""
+    objs = truth["objects"]
+    phrase = _phrase(objs[0])
+    if truth.get("relation"):
+        phrase = f"{phrase} {truth['relation']} {_phrase(objs[1])}"
+    return truth.get("template", "{}").format(phrase)
+
+
+_OBJ_RE = rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+_PHRASE_RE = re.compile(rf"{_OBJ_RE}(?: ({'|'.join(RELATIONS)}) {_OBJ_RE})?")
+
+
+def parse_caption(caption: str) -> tuple[list[Obj], str | None, str]:
+    """Inverse of ``describe``: (objects in caption order, relation or None, template)."""
+    for template in sorted(TEMPLATES, key=len, reverse=True):
+        prefix = template.replace("{}", "")
+        if caption.startswith(prefix) and (m := _PHRASE_RE.fullmatch(caption[len(prefix):])):
+            objs = [Obj(m[1], m[2])] + ([Obj(m[4], m[5])] if m[3] else [])
+            return objs, m[3], template
+    raise ValueError(f"caption not in the shapes grammar: {caption!r}")

@@ -1,0 +1,71 @@
+"""Image helpers used across the tree: value ranges, uint8 conversion, grids, PNG files.
+
+Networks and diffusion work in [-1, 1]; files, metrics and loggers in [0, 1] (`to_unit` /
+`to_signed` convert), and PNGs in uint8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from modules.core.errors import UserError
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1] (float32, clamped)."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def to_signed(images: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return images * 2 - 1
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(images: Tensor, nrow: int, pad: int = 2, pad_value: float = 0.5) -> Tensor:
+    """(B, 3, H, W) -> one (3, rows*(H+pad)+pad, nrow*(W+pad)+pad) image, row-major."""
+    b, c, h, w = images.shape
+    rows = max(1, -(-b // nrow))
+    out = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=images.dtype)
+    for i in range(b):
+        r, k = divmod(i, nrow)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = images[i].cpu()
+    return out
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Save one (3, H, W) image in [0, 1] as PNG (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image[None])[0]).save(path)
+    return path
+
+
+def save_images(images: Tensor, out: Path, per_row: int) -> None:
+    """images (N, 3, H, W) in [0, 1] -> out/{row:03d}_{col:02d}.png and out/grid.png (white gaps)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for n, arr in enumerate(to_uint8(images)):
+        Image.fromarray(arr).save(out / f"{n // per_row:03d}_{n % per_row:02d}.png")
+    save_png(tile(images.detach().float().cpu(), per_row, pad=2, pad_value=1.0), out / "grid.png")
+
+
+def load_image(path: str | Path) -> Tensor:
+    """(1, 3, H, W) in [0, 1]; one clear error for a missing or non-image file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"image file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            arr = np.array(im.convert("RGB"), dtype="uint8")
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"not an image file: {p}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
