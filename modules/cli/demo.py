@@ -4,9 +4,10 @@ shapes shards -> CLIP -> embedding export -> diffusion prior -> decoder -> upsam
 pipeline directory -> generated grid + compositional accuracy (with and without the prior) ->
 evaluation report -> variation / interpolation / text-diff grids (paper §3). Each training stage
 is `unclip fit --config experiments/<stage>/tiny.yaml --config experiments/demo/<stage>.yaml` (the
-demo overlay sets budgets and paths) in its own process. A finished stage leaves
-`<out>/<stage>/DONE` and is skipped on the next run (`--force` redoes everything). Per-stage wall
-times go to `<out>/timings.json`.
+demo overlay sets its budget in optimizer steps, never wall time, and its paths) in its own process,
+so the same seed on the same machine and torch build gives the same weights and images. A finished
+step leaves `<out>/<step>/DONE` and is skipped on the next run (`--force` redoes everything). Each
+step's wall time, and for the training stages their steps and samples/s, go to `<out>/timings.json`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from modules.core.errors import UserError
+from modules.core.files import write_text_atomic
 
 DEMO_PROMPTS = [
     "a red circle", "a blue square", "a green triangle", "a yellow circle",
@@ -36,6 +38,9 @@ DEMO_PROMPTS = [
 # Manipulation inputs, drawn by the shapes generator: (caption, seed of its layout).
 MANIP_INPUTS = [("a red circle", 0), ("a blue square", 1)]
 TEXT_DIFF = ("a red circle", "a blue circle")  # base caption of input 0 -> new caption
+
+
+TRAINED = ("clip", "prior", "decoder", "superres")  # the steps that are `unclip fit` runs
 
 
 @dataclass
@@ -122,23 +127,40 @@ class Demo:
         _check(_python() + ["textdiff", *common, "--image", images[0], "--base-caption", TEXT_DIFF[0],
                             "--caption", TEXT_DIFF[1], "--num-images", "5", "--out", str(out / "textdiff")])
 
-    def run(self, force: bool, only: list[str] | None) -> dict[str, float]:
+    def trained(self, stage: str) -> dict[str, float] | None:
+        """Steps and batch size a training stage's final checkpoint records (None: not a fit)."""
+        from modules.core.safe_load import safe_torch_load
+
+        path = Path(self.ckpt(stage))
+        if stage not in TRAINED or not path.is_file():
+            return None
+        ckpt = safe_torch_load(path)
+        loader = (ckpt.get("datamodule_hyper_parameters") or {}).get("loader") or {}
+        return {"steps": int(ckpt["global_step"]), "batch_size": int(loader.get("batch_size", 0))}
+
+    def run(self, force: bool, only: list[str] | None) -> dict[str, dict[str, float]]:
         timings_path = self.out / "timings.json"
         timings = json.loads(timings_path.read_text()) if timings_path.exists() and not force else {}
+        timings = {k: v for k, v in timings.items() if isinstance(v, dict)}  # older files held bare seconds
         for step in self.steps():
             if only and step.name not in only:
                 continue
             done = self.out / step.name / "DONE"
             if done.exists() and not force and not only:
-                print(f"== {step.name}: done before ({timings.get(step.name, 0):.0f} s), skipped", flush=True)
+                print(f"== {step.name}: done before ({timings.get(step.name, {}).get('seconds', 0):.0f} s), skipped", flush=True)
                 continue
             print(f"== {step.name}", flush=True)
             start = time.perf_counter()
             step.run()
-            timings[step.name] = round(time.perf_counter() - start, 1)
+            seconds = round(time.perf_counter() - start, 1)
+            entry: dict[str, float] = {"seconds": seconds}
+            fit = self.trained(step.name)
+            if fit is not None:  # wall time includes process start-up and validation
+                entry.update(fit, samples_per_s=round(fit["steps"] * fit["batch_size"] / max(seconds, 1e-9), 1))
+            timings[step.name] = entry
             done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(f"{timings[step.name]}\n")
-            timings_path.write_text(json.dumps(timings, indent=2))
+            done.write_text(f"{seconds}\n")
+            write_text_atomic(timings_path, json.dumps(timings, indent=2))
         return timings
 
 
@@ -155,10 +177,12 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
     timings = Demo(Path(a.out), a.num_samples, a.eval_prompts).run(a.force, a.only)
-    print("\nstep         seconds")
-    for name, secs in timings.items():
-        print(f"{name:<12} {secs:>7.1f}")
-    print(f"{'total':<12} {sum(timings.values()):>7.1f}   (this invocation: {time.perf_counter() - start:.1f} s)")
+    print("\nstep         seconds   steps  samples/s")
+    for name, t in timings.items():
+        steps = f"{t['steps']:>7d}  {t['samples_per_s']:>9.1f}" if "steps" in t else ""
+        print(f"{name:<12} {t['seconds']:>7.1f} {steps}")
+    total = sum(t["seconds"] for t in timings.values())
+    print(f"{'total':<12} {total:>7.1f}   (this invocation: {time.perf_counter() - start:.1f} s)")
     print(f"\nsamples: {a.out}/samples/grid.png   report: {a.out}/report/report.html   manipulations: {a.out}/manip/*/grid.png")
     return 0
 
