@@ -18,6 +18,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules import steps
+from datamodules.negatives import AddNegatives, CaptionNegatives
 from datamodules.steps import Sample
 
 
@@ -175,6 +176,10 @@ class CaptionBatch:
             if self._tokenize is None:
                 self._tokenize = tokenizer_by_name(self.tokenizer)
             batch["tokens"] = self._tokenize(batch["caption"])
+            if "negatives" in batch:  # (B, k, L): hard-negative captions of each sample
+                k = len(batch["negatives"][0])
+                flat = [text for row in batch["negatives"] for text in row]
+                batch["negative_tokens"] = self._tokenize(flat).view(len(samples), k, -1)
         batch["skipped"] = self.counter.delta()
         return batch
 
@@ -191,6 +196,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         val_samples: fixed number of validation samples (the first ones in shard order).
         tokenizer: open_clip model name whose tokenizer encodes captions (None: no tokens).
         hflip: random horizontal flips (off: they falsify left/right captions).
+        negatives: hard-negative captions for contrastive training (`datamodules.negatives`:
+            `ShapesNegatives`, `WordSwapNegatives`); training batches then carry
+            `negative_tokens` (B, k, L) and may carry rephrased positives. None: plain captions.
         allow_pipe: allow `pipe:` shard URLs (they run shell commands).
         loader: batch sizes, workers and how they start (`LoaderConfig`; its
             `multiprocessing_context` "spawn" / "forkserver" work too: the pipeline pickles).
@@ -209,13 +217,16 @@ class ImageTextDataModule(pl.LightningDataModule):
         val_samples: int = 256,
         tokenizer: str | None = "ViT-B-32",
         hflip: bool = False,
+        negatives: CaptionNegatives | None = None,
         max_caption_bytes: int = 4096,
         allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         self.loader = loader or LoaderConfig()
-        self.save_hyperparameters(ignore=["loader"])
+        self.negatives = negatives
+        self.save_hyperparameters(ignore=["loader", "negatives"])
         self.hparams["loader"] = asdict(self.loader)  # plain data: checkpoints load with weights_only=True
+        self.hparams["negatives"] = None if negatives is None else {"class": type(negatives).__name__, **vars(negatives)}
         self._tokenizer = tokenizer_by_name(tokenizer) if tokenizer else None  # an unknown name fails here
         self.rank, self.world_size = 0, 1
 
@@ -260,6 +271,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             steps.TarToSamples(counter),
             steps.DecodeSamples(counter, rules, extra=self.extra_fields()),
         ]
+        if train and self.negatives is not None:
+            body.append(AddNegatives(self.negatives, hp.seed + self.rank))
         if train:
             body.append(steps.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))
         else:

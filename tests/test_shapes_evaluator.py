@@ -49,3 +49,29 @@ def test_blank_and_blurred_images():
     img, truth = next(_samples(1, 64, seed=3))
     blurred = img.filter(ImageFilter.GaussianBlur(1.0))
     assert evaluate_image(blurred, truth["caption"])["correct"]
+
+
+def _draw(objects: list[tuple[str, str, list[int]]], size: int = 32) -> Image.Image:
+    from datamodules.shapes.scene import draw_scene
+
+    return draw_scene({"objects": [{"color": c, "shape": s, "bbox": b} for c, s, b in objects]}, size)
+
+
+def test_geneval_checks_are_looser_than_exact_accuracy():
+    """An extra object fails the exact check but not GenEval's presence / attribution checks;
+    swapped colours keep the shapes present but fail attribution; a mirrored layout fails position."""
+    caption = "a red circle to the left of a blue square"
+    right = [("red", "circle", [1, 10, 11, 20]), ("blue", "square", [18, 10, 28, 20])]
+    extra = _draw(right + [("green", "triangle", [10, 0, 18, 8])])
+    row = evaluate_image(extra, caption)
+    assert not row["correct"] and row["shapes_present"] and row["colors_bound"] and row["position_correct"]
+    swapped = evaluate_image(_draw([("blue", "circle", [1, 10, 11, 20]), ("red", "square", [18, 10, 28, 20])]), caption)
+    assert swapped["shapes_present"] and not swapped["colors_bound"] and swapped["position_correct"]
+    mirrored = evaluate_image(_draw([("red", "circle", [18, 10, 28, 20]), ("blue", "square", [1, 10, 11, 20])]), caption)
+    assert mirrored["colors_bound"] and mirrored["position_correct"] is False
+    table = accuracy_table([row, swapped, mirrored, evaluate_image(_draw(right), caption),
+                            evaluate_image(_draw([("red", "square", [4, 4, 14, 14])]), "a red circle")])
+    g = table["geneval"]
+    assert (g["single_object"], g["colors"]) == (0.0, 0.0)  # a square is not the circle asked for
+    assert g["two_object"] == 1.0 and g["color_attribution"] == 0.75 and g["position"] == 0.75
+    assert g["overall"] == pytest.approx((0 + 1 + 0 + 0.75 + 0.75) / 5)

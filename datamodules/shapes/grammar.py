@@ -7,6 +7,7 @@ demo, so that every one of them reads and writes the same language.
 
 from __future__ import annotations
 
+import random
 import re
 from enum import Enum
 from typing import Any, NamedTuple
@@ -78,3 +79,35 @@ def parse_caption(caption: str) -> tuple[list[Obj], str | None, str]:
             objs = [Obj(m[1], m[2])] + ([Obj(m[4], m[5])] if m[3] else [])
             return objs, m[3], template
     raise ValueError(f"caption not in the shapes grammar: {caption!r}")
+
+
+# ----------------------------------------------------------------------------- evaluation prompts
+INVERSE: dict[str, str] = {
+    Relation.LEFT.value: Relation.RIGHT.value, Relation.RIGHT.value: Relation.LEFT.value,
+    Relation.ABOVE.value: Relation.BELOW.value, Relation.BELOW.value: Relation.ABOVE.value,
+}
+
+
+def caption(objects: list[Obj], relation: str | None = None, template: str = "{}") -> str:
+    """The grammar's caption of one object, or of two objects and a relation."""
+    truth = {"objects": [o._asdict() for o in objects], "relation": relation, "template": template}
+    return describe(truth)
+
+
+def evaluation_captions(num_single: int = 180, num_pairs: int = 180, seed: int = 0) -> list[str]:
+    """A deterministic prompt set that covers the grammar: every colour-shape pair equally often
+    alone (`num_single`, templates cycled), and `num_pairs` two-object scenes each asked in both
+    phrasings ("A left of B" and "B right of A"), the four relations equally often, with
+    same-colour pairs among them (every sixth scene). `2 * num_pairs` two-object captions."""
+    rng = random.Random(seed)
+    singles = [caption([ALL_OBJECTS[i % len(ALL_OBJECTS)]], None, TEMPLATES[(i // len(ALL_OBJECTS)) % len(TEMPLATES)])
+               for i in range(num_single)]
+    pairs = [(a, b) for a in ALL_OBJECTS for b in ALL_OBJECTS if a != b]
+    same_colour = [(a, b) for a, b in pairs if a.color == b.color]
+    doubles: list[str] = []
+    for i in range(num_pairs):
+        a, b = rng.choice(same_colour if i % 6 == 5 else pairs)
+        relation = RELATIONS[i % len(RELATIONS)]
+        template = TEMPLATES[rng.randrange(len(TEMPLATES))]
+        doubles += [caption([a, b], relation, template), caption([b, a], INVERSE[relation], template)]
+    return singles + doubles

@@ -60,15 +60,15 @@ def _check(cmd: list[str]) -> None:
         raise UserError(f"demo step failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
-def _fit(stage: str, extra: list[str] | None = None) -> None:
-    _check(_python() + ["fit", "--config", f"experiments/{stage}/tiny.yaml", "--config", f"experiments/demo/{stage}.yaml", *(extra or [])])
+DEFAULT_OUT = Path("runs/demo")  # the paths written in experiments/demo/*.yaml
 
 
 class Demo:
     """The demo's steps, in order, over one output layout (fixed by experiments/demo/*.yaml)."""
 
-    def __init__(self, out: Path, num_samples: int, eval_prompts: int) -> None:
+    def __init__(self, out: Path, num_samples: int, eval_prompts: int, extra_configs: dict[str, list[str]] | None = None) -> None:
         self.out, self.num_samples, self.eval_prompts = out, num_samples, eval_prompts
+        self.extra_configs = extra_configs or {}
         self.data = out / "data" / "shapes"
         self.emb = out / "data" / "shapes-emb"
         self.pipeline = out / "pipeline"
@@ -76,16 +76,30 @@ class Demo:
     def ckpt(self, stage: str) -> str:
         return str(self.out / stage / "checkpoints" / "last.ckpt")
 
+    def fit(self, stage: str) -> None:
+        """`unclip fit` with the stage's tiny YAML, its demo overlay, any extra overlays (ablations),
+        and, when the output root is not `runs/demo`, the overlay's paths moved under it."""
+        args = ["fit", "--config", f"experiments/{stage}/tiny.yaml", "--config", f"experiments/demo/{stage}.yaml"]
+        for extra in self.extra_configs.get(stage, []):
+            args += ["--config", extra]
+        if self.out != DEFAULT_OUT:
+            shards = self.emb if stage == "prior" else self.data
+            args += [f"--trainer.default_root_dir={self.out / stage}", f"--data.train_shards={shards}/train-*.tar",
+                     f"--data.val_shards={shards}/val-*.tar"]
+            if stage in ("prior", "decoder"):
+                args.append(f"--model.clip_weights={self.ckpt('clip')}")
+        _check(_python() + args)
+
     def steps(self) -> list[Step]:
         return [
             Step("data", lambda: _check(_python() + ["data", "shapes", "--out", str(self.data), "--num-samples",
                                                        str(self.num_samples), "--size", "64", "--seed", "0"])),
-            Step("clip", lambda: _fit("clip")),
+            Step("clip", lambda: self.fit("clip")),
             Step("embed", lambda: _check(_python() + ["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
                                                         "--shards", str(self.data / "*.tar"), "--out", str(self.emb)])),
-            Step("prior", lambda: _fit("prior")),
-            Step("decoder", lambda: _fit("decoder")),
-            Step("superres", lambda: _fit("superres")),
+            Step("prior", lambda: self.fit("prior")),
+            Step("decoder", lambda: self.fit("decoder")),
+            Step("superres", lambda: self.fit("superres")),
             Step("pipeline", lambda: _check(_python() + [
                 "pipeline", "--clip-model", "tiny-vit", "--clip-weights", self.ckpt("clip"), "--prior", self.ckpt("prior"),
                 "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--out", str(self.pipeline)])),
@@ -98,12 +112,12 @@ class Demo:
         prompts = self.out / "prompts.txt"
         prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
         _check(_python() + ["generate", "--pipeline", str(self.pipeline), "--prompts-file", str(prompts),
-                            "--num-images", "4", "--seed", "0", "--out", str(self.out / "samples")])
+                            "--num-images", "4", "--steps", "25", "--seed", "0", "--out", str(self.out / "samples")])
 
     def evaluate(self) -> None:
         report = self.out / "report"
-        _check(_python() + ["evaluate-shapes", "--pipeline", str(self.pipeline), "--shards", str(self.data / "val-*.tar"),
-                            "--num-prompts", str(self.eval_prompts), "--steps", "25", "--no-upsample", "--out", str(report)])
+        _check(_python() + ["evaluate-shapes", "--pipeline", str(self.pipeline), "--num-prompts", str(self.eval_prompts),
+                            "--steps", "25", "--no-upsample", "--out", str(report)])
         _check(_python() + ["evaluate", "--pipeline", str(self.pipeline), "--val-shards", str(self.data / "val-*.tar"),
                             "--num-samples", "32", "--steps", "25", "--kid-subset-size", "16", "--isc-splits", "2",
                             "--out", str(report)])
@@ -126,6 +140,12 @@ class Demo:
                             "--out", str(out / "interpolate")])
         _check(_python() + ["textdiff", *common, "--image", images[0], "--base-caption", TEXT_DIFF[0],
                             "--caption", TEXT_DIFF[1], "--num-images", "5", "--out", str(out / "textdiff")])
+        judged = {name: judge_frames(out / name, start, end) for name, start, end in (
+            ("interpolate", MANIP_INPUTS[0][0], MANIP_INPUTS[1][0]), ("textdiff", TEXT_DIFF[0], TEXT_DIFF[1]))}
+        write_text_atomic(out / "judged.json", json.dumps(judged, indent=2))
+        for name, verdict in judged.items():
+            print(f"{name}: first frame {verdict['first']['detected']} ({verdict['start']}: {verdict['first']['correct']}), "
+                  f"last frame {verdict['last']['detected']} ({verdict['end']}: {verdict['last']['correct']})")
 
     def trained(self, stage: str) -> dict[str, float] | None:
         """Steps and batch size a training stage's final checkpoint records (None: not a fit)."""
@@ -164,19 +184,49 @@ class Demo:
         return timings
 
 
+def judge_frames(folder: Path, start: str, end: str) -> dict[str, object]:
+    """The compositional evaluator on a manipulation's frames (`000_00.png`, ... in order): does
+    the first frame show `start` and the last `end`? Every frame's detections are kept."""
+    from PIL import Image
+
+    from modules.evaluation.shapes_evaluator import evaluate_image
+
+    frames = sorted(folder.glob("000_*.png"))
+    if not frames:
+        raise UserError(f"no frames to judge in {folder}")
+    rows = []
+    for frame in frames:
+        with Image.open(frame) as image:
+            rows.append({"frame": frame.name, **evaluate_image(image, end)})
+    with Image.open(frames[0]) as image:
+        first = evaluate_image(image, start)
+    keep = ("detected", "correct")
+    return {"start": start, "end": end, "first": {k: first[k] for k in keep}, "last": {k: rows[-1][k] for k in keep},
+            "frames": [{k: r[k] for k in ("frame", *keep)} for r in rows]}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="unclip demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="output root (the demo YAMLs expect runs/demo)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output root (another root moves every stage's paths under it)")
     p.add_argument("--num-samples", type=int, default=20000)
-    p.add_argument("--eval-prompts", type=int, default=200, help="val captions scored with and without the prior")
+    p.add_argument("--eval-prompts", type=int, default=180,
+                   help="covering-set prompts scored with and without the prior (a third single-object)")
     p.add_argument("--force", action="store_true", help="redo finished steps")
     p.add_argument("--only", nargs="*", help="run only these steps")
+    p.add_argument("--config", action="append", default=[], metavar="STAGE=YAML",
+                   help="an extra overlay for one training stage, e.g. clip=experiments/demo/ablations/negclip.yaml")
     a = p.parse_args(argv)
-    if Path(a.out) != Path("runs/demo"):
-        raise UserError("--out must be runs/demo (the paths in experiments/demo/*.yaml)")
+    extra: dict[str, list[str]] = {}
+    for item in a.config:
+        stage, _, path = item.partition("=")
+        if stage not in TRAINED or not path:
+            raise UserError(f"--config {item!r}: expected STAGE=YAML with STAGE one of {', '.join(TRAINED)}")
+        if not Path(path).is_file():
+            raise UserError(f"--config {item!r}: file not found: {path}")
+        extra.setdefault(stage, []).append(path)
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
-    timings = Demo(Path(a.out), a.num_samples, a.eval_prompts).run(a.force, a.only)
+    timings = Demo(Path(a.out), a.num_samples, a.eval_prompts, extra).run(a.force, a.only)
     print("\nstep         seconds   steps  samples/s")
     for name, t in timings.items():
         steps = f"{t['steps']:>7d}  {t['samples_per_s']:>9.1f}" if "steps" in t else ""

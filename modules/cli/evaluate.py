@@ -47,22 +47,30 @@ def evaluate(argv: list[str]) -> int:
 
 
 def evaluate_shapes(argv: list[str]) -> int:
+    from datamodules.shapes.grammar import evaluation_captions
     from modules.evaluation.compositional import shapes_accuracy, val_captions
     from modules.pipelines.unclip import UnCLIPPipeline
 
     p = argparse.ArgumentParser(prog="unclip evaluate-shapes",
                                 description="Shapes compositional accuracy with and without the prior.")
     p.add_argument("--pipeline", required=True)
-    p.add_argument("--shards", required=True, help="val shards whose captions are the prompts")
-    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--shards", help="val shards whose first captions are the prompts (default: the covering set: "
+                   "every colour-shape pair alone, two-object scenes in both phrasings of all four relations, "
+                   "same-colour pairs; datamodules.shapes.grammar.evaluation_captions)")
+    p.add_argument("--num-prompts", type=int, default=540, help="a third single-object, two thirds two-object")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="decoder DDIM steps (default: the decoder's own)")
     p.add_argument("--no-upsample", action="store_true", help="score at the decoder's resolution")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.num_prompts < 3:
+        raise UserError(f"--num-prompts: must be at least 3, got {a.num_prompts}")
+    if a.shards:
+        captions = val_captions(a.shards, a.num_prompts)
+        if not captions:
+            raise UserError(f"no captions found in {a.shards}")
+    else:
+        captions = evaluation_captions(num_single=a.num_prompts // 3, num_pairs=a.num_prompts // 3, seed=a.seed)
     pipe = UnCLIPPipeline.load(a.pipeline)
-    captions = val_captions(a.shards, a.num_prompts)
-    if not captions:
-        raise UserError(f"no captions found in {a.shards}")
     shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample)
     return 0

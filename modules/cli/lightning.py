@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import traceback
 from typing import Any, Iterator, Optional
@@ -25,8 +24,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from modules.core.errors import CheckpointReadError, ConfigError, UnsafeCheckpointError, UserError
-from modules.stages.registry import stage_kind
+from modules.core.errors import ConfigError, UserError
+from modules.core.safe_load import safe_torch_load
+from modules.stages.registry import canonical_class_path, stage_kind
 
 # Config keys whose string value names a file that must exist (`clip_weights`, `pretrained`,
 # `inception_weights`, `ckpt_path`, ...). Lightning's special checkpoint names are exempt.
@@ -233,28 +233,46 @@ class UnclipCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         os.environ.setdefault("WANDB_MODE", "offline")  # never needs a network unless asked
-        try:
-            super().__init__(
-                pl.LightningModule,
-                pl.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                save_config_kwargs={"overwrite": True},
-                args=args,
-                **kwargs,
-            )
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            raise self._checkpoint_error(exc) from None
+        super().__init__(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
 
-    def _checkpoint_error(self, exc: BaseException) -> BaseException:
-        """LightningCLI reads `--ckpt_path`'s hyperparameters with `torch.load(weights_only=True)`
-        before anything else: a refused or unreadable file becomes one line naming it."""
-        if not any(f.name == "_parse_ckpt_path" for f in traceback.extract_tb(exc.__traceback__)):
-            return exc
-        path = self.config[self.config.subcommand].get("ckpt_path")
-        if isinstance(exc, pickle.UnpicklingError):
-            return UnsafeCheckpointError(f"ckpt_path: refusing to load {path}: it needs arbitrary pickle, not weights_only=True")
-        return CheckpointReadError(f"ckpt_path: cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}")
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path FILE`: the model is rebuilt from the checkpoint's hyperparameters, for every
+        stage. The file is read with `torch.load(weights_only=True)` (a refused or unreadable one is
+        one line naming it); its `_class_path` (or, without one, the config's model) must be one of
+        the project's stage classes and the class the config names; the hyperparameters become the
+        model's `init_args`, validated against its signature like the YAML's."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = config.get("ckpt_path")
+        if not path or not os.path.isfile(path):
+            return
+        ckpt = safe_torch_load(path)  # CheckpointReadError / UnsafeCheckpointError name the file
+        hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+        hparams.pop("_instantiator", None)
+        stored = hparams.pop("_class_path", None)
+        if not hparams and stored is None:
+            return
+        configured = str((config.get("model") or {}).get("class_path") or "")
+        class_path = canonical_class_path(str(stored or configured))
+        if stage_kind(class_path) is None:
+            raise ConfigError(f"ckpt_path: {path} holds {class_path or 'no class'}, which is not one of the project's stages")
+        if configured and canonical_class_path(configured) != class_path:
+            raise ConfigError(f"ckpt_path: {path} is a {class_path} checkpoint but model.class_path is {configured}")
+        override = {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}
+        try:
+            self.config = self.parser.parse_object(override, self.config)
+        except (argparse.ArgumentError, SystemExit) as exc:
+            raise ConfigError(f"ckpt_path: {path}: hyperparameters do not fit {class_path}: {summarize_error(str(exc))}") from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand is not None else self.config

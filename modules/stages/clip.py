@@ -38,6 +38,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from datamodules.negatives import binding_foils
 from datamodules.shapes import grammar
 from modules.core import optim
 from modules.core.hparams import as_config, to_plain
@@ -46,6 +47,7 @@ from modules.networks.clip import FrozenCLIP, create_clip, image_input_spec, to_
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature so logits are scaled by <= 100
 NO_DECAY_NAMES = ("logit_scale", "embedding", "logit_bias")
 ZERO_SHOT_METRICS = ("acc", "color_acc", "shape_acc", "pair_acc")
+BINDING_PROBES = ("attribution", "relation")  # `datamodules.negatives.binding_foils`
 _MIRROR = {grammar.Relation.RIGHT.value: grammar.Relation.LEFT.value, grammar.Relation.BELOW.value: grammar.Relation.ABOVE.value}
 
 
@@ -64,6 +66,8 @@ class CLIPModule(pl.LightningModule):
         zero_shot: run the shapes zero-shot classification in validation.
         zero_shot_templates: prompt templates (`{}` = "a red circle"); None = `grammar.TEMPLATES`.
         recall_ks: K values of recall@K.
+        hard_negative_weight: weight of the NegCLIP term when batches carry `negative_tokens`
+            (the DataModule's `negatives`); 0 trains on them as plain CLIP would.
     Mixed precision is the Trainer's `precision` switch (e.g. `bf16-mixed`).
     """
 
@@ -78,6 +82,7 @@ class CLIPModule(pl.LightningModule):
         zero_shot: bool = True,
         zero_shot_templates: list[str] | None = None,
         recall_ks: tuple[int, ...] = (1, 5, 10),
+        hard_negative_weight: float = 1.0,
     ) -> None:
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -97,6 +102,7 @@ class CLIPModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         # Accuracies as means of 0/1 hits: every rank computes (and syncs) even with no updates.
         self.zero_shot_metrics = nn.ModuleDict({name: MeanMetric() for name in ZERO_SHOT_METRICS})
+        self.binding_metrics = nn.ModuleDict({name: MeanMetric() for name in BINDING_PROBES})
         self._val_rows: list[tuple[Tensor, ...]] = []  # (z_i, z_t, content id, number of objects)
         self._classifier: Tensor | None = None
 
@@ -113,9 +119,22 @@ class CLIPModule(pl.LightningModule):
         z_i, z_t = self.encode(batch["image"], batch["tokens"])  # (B, D) each
         scale = self.model.logit_scale.exp()
         loss = self.loss_fn(z_i, z_t, scale)  # CE(scale * z_i z_t^T, I) both ways, averaged
+        if "negative_tokens" in batch and self.hparams.hard_negative_weight > 0:
+            hard = self.hard_negative_loss(z_i, z_t, batch["negative_tokens"], scale)
+            self.log("train/hard_negative_loss", hard, batch_size=z_i.shape[0])
+            loss = loss + self.hparams.hard_negative_weight * hard
         self.log("train/loss", loss, prog_bar=True, batch_size=z_i.shape[0])
         self.log("train/logit_scale", scale, batch_size=z_i.shape[0])
         return loss
+
+    def hard_negative_loss(self, z_i: Tensor, z_t: Tensor, negative_tokens: Tensor, scale: Tensor) -> Tensor:
+        """NegCLIP's image-to-text term with hard negatives (Yuksekgonul et al. 2023): each image
+        must pick its caption among the batch's captions and every sample's hard negatives,
+        CE(scale * z_i [z_t; z_n]^T, i) over B + B k columns. Local to the rank's batch."""
+        b, k, length = negative_tokens.shape
+        z_n = self.model.encode_text(negative_tokens.reshape(b * k, length), normalize=True)  # (B k, D)
+        logits = scale * z_i @ torch.cat([z_t, z_n]).T  # (B, B + B k)
+        return F.cross_entropy(logits, torch.arange(b, device=z_i.device))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
@@ -143,6 +162,20 @@ class CLIPModule(pl.LightningModule):
         self._val_rows.append((z_i.float(), z_t.float(), content, (labels >= 0).sum(dim=1)))
         if self._classifier is not None:
             self._update_zero_shot(z_i.float() @ self._classifier.T, labels)
+        self._update_binding(z_i.float(), z_t.float(), batch["caption"])
+
+    @torch.no_grad()
+    def _update_binding(self, z_i: Tensor, z_t: Tensor, captions: list[str]) -> None:
+        """`val/binding_<probe>`: the share of two-object images whose caption scores above its
+        foil (colours swapped between the objects; relation reversed). 0.5 is a bag of words."""
+        for probe, metric in self.binding_metrics.items():
+            rows = [(i, f[probe]) for i, c in enumerate(captions) if probe in (f := binding_foils(c))]
+            if not rows:
+                continue
+            index = torch.tensor([i for i, _ in rows], device=z_i.device)
+            z_f = self.model.encode_text(self.tokenizer([f for _, f in rows]).to(self.device), normalize=True).float()
+            own = (z_i[index] * z_t[index]).sum(-1)
+            metric.update((own > (z_i[index] * z_f).sum(-1)).float())
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_rows:
@@ -159,6 +192,11 @@ class CLIPModule(pl.LightningModule):
             rows = num_objects == count
             if rows.any():
                 metrics[f"val/t2i_recall@1_{kind}"] = recall_at_k(sim.T[rows], relevant[rows], (1,))[1]
+        for name, metric in self.binding_metrics.items():
+            value = metric.compute()
+            if torch.isfinite(value):
+                metrics[f"val/binding_{name}"] = value
+            metric.reset()
         for name, metric in self.zero_shot_metrics.items():
             if self._classifier is not None:
                 value = metric.compute()  # NaN when no sample of that kind was seen
