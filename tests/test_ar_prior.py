@@ -13,6 +13,7 @@ from datamodules.image_text import LoaderConfig
 import torch
 import torch.nn.functional as F
 
+from modules.stages.registry import init_kwargs
 from modules.stages.ar_prior import ARPriorModule
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer, sample_categorical
 from modules.stages.prior_metrics import compare_to_baselines
@@ -166,7 +167,7 @@ def test_fit_fits_pca_at_start_and_checkpoint_carries_it(tmp_path: Path):
     path = tmp_path / "ar.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
-    restored = ARPriorModule(**ckpt["hyper_parameters"])
+    restored = ARPriorModule(**init_kwargs(ckpt["hyper_parameters"]))
     restored.load_state_dict(ckpt["state_dict"])
     assert restored.quantizer.is_fitted
     assert torch.allclose(restored.quantizer.components, m.quantizer.components, atol=1e-6)

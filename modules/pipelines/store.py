@@ -20,7 +20,7 @@ from torch import nn
 
 from modules.core.errors import CheckpointReadError, PipelineError
 from modules.core.safe_load import read_lightning_checkpoint
-from modules.stages.registry import StageKind, stage_class
+from modules.stages.registry import StageKind, init_kwargs, stage_class
 
 
 def class_path(obj: Any) -> str:
@@ -35,7 +35,7 @@ def load_stage_checkpoint(kind: StageKind | str, path: str | Path, class_path: s
         ckpt = read_lightning_checkpoint(path, f"{kind.value} checkpoint")
     except CheckpointReadError as exc:
         raise PipelineError(str(exc)) from None
-    module = stage_class(kind, class_path, str(path), PipelineError)(**ckpt.get("hyper_parameters", {}))
+    module = stage_class(kind, class_path, str(path), PipelineError)(**init_kwargs(ckpt.get("hyper_parameters", {})))
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 
@@ -65,7 +65,7 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 def save_stage(module: nn.Module, directory: Path, name: str) -> dict[str, Any]:
     """Write `name.safetensors`; returns the stage's `pipeline.json` entry."""
     save_weights(module, directory / f"{name}.safetensors")
-    return {"class_path": class_path(module), "hparams": dict(module.hparams), "weights": f"{name}.safetensors"}
+    return {"class_path": class_path(module), "hparams": init_kwargs(dict(module.hparams)), "weights": f"{name}.safetensors"}
 
 
 def read_spec(directory: Path, fmt: str, version: int, required: tuple[str, ...]) -> tuple[dict[str, Any], Path]:
@@ -88,7 +88,7 @@ def read_spec(directory: Path, fmt: str, version: int, required: tuple[str, ...]
 def load_stage(kind: StageKind | str, entry: dict[str, Any], directory: Path, spec_path: Path) -> nn.Module:
     """An allow-listed stage class built from its plain hparams, weights from safetensors."""
     kind = StageKind(kind)
-    module = stage_class(kind, entry["class_path"], str(spec_path), PipelineError)(**entry["hparams"])
+    module = stage_class(kind, entry["class_path"], str(spec_path), PipelineError)(**init_kwargs(entry["hparams"]))
     weights = directory / entry["weights"]
     if not weights.is_file():
         raise PipelineError(f"{spec_path}: weights file {entry['weights']!r} is missing")

@@ -22,6 +22,7 @@ from torch import Tensor
 from modules.core import optim
 from modules.stages.conditioning import ClipConditioner
 from modules.core.hparams import as_config, init_args, to_plain
+from modules.stages.registry import class_path_of
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer
 from modules.stages.prior_metrics import RunningMean, compare_to_baselines
 from modules.stages.prior import TEXT_KEYS, repeat_rows, select_best
@@ -60,7 +61,7 @@ class ARPriorModule(pl.LightningModule):
             as_config(ARPriorConfig, prior), embed_dim=self.conditioner.embed_dim, text_width=self.conditioner.text_width
         )
         self.optim_cfg = as_config(optim.OptimConfig, optimizer)
-        self.save_hyperparameters(to_plain({**args, "prior": cfg}))
+        self.save_hyperparameters(to_plain({**args, "prior": cfg, "_class_path": class_path_of(self)}))
         self.net = ARPriorTransformer(cfg)
         self.quantizer = PCAQuantizer(cfg.embed_dim, cfg.num_components, cfg.num_buckets, cfg.similarity_buckets)
         self.mean_embed = RunningMean(cfg.embed_dim)

@@ -42,6 +42,7 @@ from datamodules.negatives import binding_foils
 from datamodules.shapes import grammar
 from modules.core import optim
 from modules.core.hparams import as_config, to_plain
+from modules.stages.registry import class_path_of
 from modules.networks.clip import FrozenCLIP, create_clip, image_input_spec, to_clip_input
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature so logits are scaled by <= 100
@@ -87,9 +88,7 @@ class CLIPModule(pl.LightningModule):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.optim_cfg = as_config(optim.OptimConfig, optimizer)
-        # `_class_path` lets `unclip validate|fit --ckpt_path` rebuild this class from the checkpoint
-        class_path = f"{type(self).__module__}.{type(self).__qualname__}"
-        self.save_hyperparameters(to_plain({**args, "optimizer": self.optim_cfg, "_class_path": class_path}))
+        self.save_hyperparameters(to_plain({**args, "optimizer": self.optim_cfg, "_class_path": class_path_of(self)}))
         self.model = create_clip(model_name, pretrained)
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.image_size, mean, std = image_input_spec(self.model)

@@ -22,6 +22,7 @@ from modules.stages.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.stages.validation import log_fixed_timestep_losses
 from modules.core.hparams import as_config, init_args, to_plain
+from modules.stages.registry import class_path_of
 from modules.networks.unet import UNet, UNetConfig
 from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
@@ -75,7 +76,7 @@ class DecoderModule(pl.LightningModule):
             image_embed_dim=self.conditioner.embed_dim if condition_on_image else None,
             text_embed_dim=self.conditioner.text_width if condition_on_text else None,
         )
-        self.save_hyperparameters(to_plain({**args, "unet": unet_cfg}))
+        self.save_hyperparameters(to_plain({**args, "unet": unet_cfg, "_class_path": class_path_of(self)}))
         self.unet = UNet(unet_cfg)
         self.diffusion = self.diffusion_cfg.build()
 

@@ -32,6 +32,7 @@ from modules.diffusion import Objective
 from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
 from modules.stages.validation import log_fixed_timestep_losses
 from modules.core.hparams import as_config, init_args, to_plain
+from modules.stages.registry import class_path_of
 from modules.networks.prior_transformer import PriorConfig, PriorTransformer
 from modules.stages.prior_metrics import RunningMean, compare_to_baselines
 
@@ -102,6 +103,7 @@ class PriorModule(pl.LightningModule):
             raise ValueError("static [-1, 1] clipping destroys √D-scaled embeddings; use clipping: NONE")
         self.save_hyperparameters(to_plain({
             **args, "prior": prior_cfg, "diffusion": self.diffusion_cfg, "sampling": self.sampling,
+            "_class_path": class_path_of(self),
         }))
         self.net = PriorTransformer(prior_cfg)
         self.diffusion = self.diffusion_cfg.build()

@@ -39,6 +39,18 @@ MOVED_CLASS_PATHS: dict[str, str] = {
 }
 
 
+def class_path_of(obj: object) -> str:
+    """`module.Class` of an object: stored as `_class_path` in every stage's hyperparameters, so
+    `--ckpt_path FILE` and the loaders know which stage a checkpoint holds."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def init_kwargs(hparams: dict) -> dict:
+    """A stage's constructor arguments from its stored hyperparameters (`_`-prefixed keys such as
+    `_class_path` and Lightning's `_instantiator` are records, not arguments)."""
+    return {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+
+
 def canonical_class_path(class_path: str) -> str:
     """The current path of a stage class (a path from before the move maps to its new one)."""
     return MOVED_CLASS_PATHS.get(class_path, class_path)

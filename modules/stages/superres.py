@@ -30,6 +30,7 @@ from modules.stages.degradations import DegradationConfig, Resampling, resize
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.stages.validation import log_fixed_timestep_losses
 from modules.core.hparams import as_config, enum_member, init_args, to_plain
+from modules.stages.registry import class_path_of
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
@@ -120,7 +121,8 @@ class SuperResModule(pl.LightningModule):
             raise ValueError(f"crop_size {self.crop_size} must be <= {size} and divisible by {self.factor} and {unet_stride}")
         if not (0 <= sample_aug_level <= 1 and 0 <= max_train_aug <= 1 and 0 <= aug_prob <= 1):
             raise ValueError("aug levels and aug_prob must lie in [0, 1]")
-        self.save_hyperparameters(to_plain({**args, "unet": unet_cfg, "sampling": self.sampling, "downsample": self.downsample}))
+        self.save_hyperparameters(to_plain({**args, "unet": unet_cfg, "sampling": self.sampling, "downsample": self.downsample,
+                                             "_class_path": class_path_of(self)}))
         self.unet = SuperResUNet(unet_cfg)
         self.diffusion = self.diffusion_cfg.build()
 
