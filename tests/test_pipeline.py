@@ -50,11 +50,44 @@ def test_save_load_round_trip_is_exact(saved: Path):
     assert not torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, seed=8))
 
 
-def test_no_prior_mode_uses_text_embedding(saved: Path):
-    pipe = UnCLIPPipeline.load(saved)
-    text = pipe.encode_text(["a red circle"])
-    z = pipe.image_embeddings(text, GenerateConfig(prior_mode=PriorMode.TEXT), None)
-    assert torch.equal(z, text["text_embed"])
+def _full_pipeline() -> UnCLIPPipeline:
+    """Decoder plus a diffusion prior and a 16 -> 32 upsampler (weights perturbed from init)."""
+    from modules.networks.prior_transformer import PriorConfig
+    from modules.stages.prior import PriorModule
+    from modules.stages.superres import SuperResModule
+
+    pipe = _pipeline()
+    prior = PriorModule(prior=PriorConfig(width=32, depth=2, heads=2), clip_model="tiny-vit",
+                        sampling={"steps": 4, "clipping": "NONE"})
+    upsampler = SuperResModule(unet=dict(image_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1),
+                               low_res_size=16, crop_size=16, sampling={"steps": 3})
+    with torch.no_grad():
+        for module in (prior, upsampler):
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return UnCLIPPipeline(pipe.clip, pipe.decoder, prior.eval(), [upsampler.eval()])
+
+
+def test_prior_mode_samples_the_prior_and_text_mode_feeds_z_t(tmp_path: Path):
+    pipe = _full_pipeline()
+    text = pipe.encode_text(["a red circle", "a blue square"])
+    z_text = pipe.image_embeddings(text, GenerateConfig(prior_mode=PriorMode.TEXT), None)
+    z_prior = pipe.image_embeddings(text, GenerateConfig(prior_mode=PriorMode.PRIOR), torch.Generator().manual_seed(0))
+    assert torch.equal(z_text, text["text_embed"])
+    assert z_prior.shape == z_text.shape and not torch.allclose(z_prior, z_text)
+    torch.testing.assert_close(z_prior.norm(dim=-1), torch.ones(2))  # unit-norm, as CLIP's
+
+
+def test_pipeline_with_prior_and_upsampler_round_trips(tmp_path: Path):
+    pipe = _full_pipeline()
+    loaded = UnCLIPPipeline.load(pipe.save(tmp_path / "full"))
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [
+        "clip.safetensors", "decoder.safetensors", "pipeline.json", "prior.safetensors", "upsampler0.safetensors"]
+    a = pipe.generate(["a red circle"], 2, seed=3)
+    b = loaded.generate(["a red circle"], 2, seed=3)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
+    no_prior = loaded.generate(["a red circle"], 2, seed=3, config=GenerateConfig(prior_mode=PriorMode.TEXT))
+    assert not torch.equal(a, no_prior)
 
 
 def test_refuses_unknown_class_and_bad_version(saved: Path, tmp_path: Path):
