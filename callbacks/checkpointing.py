@@ -9,11 +9,10 @@
   is killed. Here the temporary file lives in the target folder, is fsynced, then `os.replace`d
   (atomic on POSIX), and the folder entry is fsynced. Loading is `torch.load(weights_only=True)`
   always: a checkpoint given to `--ckpt_path` cannot run code.
-- `RNGState` (a callback): saves the Python / NumPy / torch (CPU and CUDA) generator states in the
-  checkpoint and restores them right before the first training batch after a resume, so the
-  resumed run draws the same timesteps, noise and dropout masks as an uninterrupted one.
-  Validation is made RNG-neutral (its draws do not shift the training stream), which is what
-  makes "the state at the checkpoint" equal "the state of the next training step".
+- `RNGState` (a callback): seeds Python / NumPy / torch (CPU and CUDA) at every training batch
+  from (seed, data-parallel rank, batch number), so ranks draw independently and a resumed run
+  draws the same timesteps, noise and dropout masks as an uninterrupted one (the batch number is
+  Lightning's checkpointed progress). Validation cannot shift the training streams.
 
 The data position is restored by `datamodules.image_text.EpochLoader` (a Lightning-stateful
 loader); Lightning restores the loops, optimizer, LR schedulers and (through
@@ -22,6 +21,7 @@ loader); Lightning restores the loops, optimizer, LR schedulers and (through
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -125,34 +125,37 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class RNGState(Callback):
-    """Checkpoints the RNG streams and restores them at the first training batch after resume.
+def batch_seed(seed: int, rank: int, batch: int) -> int:
+    """The seed of training batch `batch` (counted over the whole run) on data-parallel `rank`."""
+    digest = hashlib.blake2b(f"unclip/{seed}/{rank}/{batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
-    Under DDP the checkpoint (written by rank 0) carries rank 0's streams and every rank restores
-    them: Lightning's `seed_everything` seeds all ranks identically and equal-shaped steps keep
-    them equal, so this is exact for the stages here.
+
+def seed_batch(seed: int, rank: int, batch: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) for one training batch."""
+    value = batch_seed(seed, rank, batch)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+class RNGState(Callback):
+    """Training randomness keyed by (seed, rank, batch): every draw of a training step (timesteps,
+    noise, CFG dropout masks, upsampler corruption, prior noise) comes from generators seeded with
+    `batch_seed(seed, global_rank, n)` at the start of the run's n-th training batch.
+
+    So ranks draw independently (Lightning's `seed_everything` seeds them identically, which made
+    every rank draw the same t and ε for different images), model initialisation stays equal
+    (it happens before the first batch), and a resumed run draws exactly what the uninterrupted
+    run did: n is Lightning's batch progress, which the checkpoint restores. Validation draws its
+    own fixed noise and cannot shift the training streams. `seed` defaults to the run's
+    `seed_everything` value (`PL_GLOBAL_SEED`).
     """
 
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
-        self._outside_validation: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return capture_rng()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._pending is not None:
-            restore_rng(self._pending)
-            self._pending = None
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed_batch(seed, trainer.global_rank, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
-            self._outside_validation = capture_rng()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._outside_validation is not None:
-            restore_rng(self._outside_validation)
-            self._outside_validation = None

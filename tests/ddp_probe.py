@@ -158,10 +158,12 @@ class Probe(Callback):
         self.grads: list[torch.Tensor] = []
         self.keys: list[list[str]] = []
         self.epochs: list[int] = []
+        self.rng: list[str] = []  # digest of the torch generator state each step starts from
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.keys.append(list(batch["key"]))
         self.epochs.append(trainer.current_epoch)
+        self.rng.append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())  # after RNGState seeded it
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if len(self.grads) < self.grad_steps:
@@ -172,7 +174,7 @@ class Probe(Callback):
         self.losses.append(float(loss))
 
     def record(self) -> dict[str, Any]:
-        return {"losses": self.losses, "grads": self.grads, "keys": self.keys, "epochs": self.epochs}
+        return {"losses": self.losses, "grads": self.grads, "keys": self.keys, "epochs": self.epochs, "rng": self.rng}
 
 
 def run_stage(stage: str, data: dict[str, str], root: Path, *, devices: int, batch_size: int, workers: int,

@@ -67,6 +67,17 @@ def test_ddp_matches_single_process_at_equal_global_batch(runs: dict, stage: str
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_each_rank_draws_its_own_randomness(runs: dict, stage: str) -> None:
+    """Every training step starts from a generator keyed by (seed, rank, batch): the two ranks
+    differ at every step and from step to step, and rank 0 draws what a 1-process run draws."""
+    ranks, single = runs["ddp"][stage], runs["single"][stage]
+    steps = len(ranks[0]["rng"])
+    assert steps >= 2 and len(set(ranks[0]["rng"])) == steps
+    assert all(a != b for a, b in zip(ranks[0]["rng"], ranks[1]["rng"]))
+    assert ranks[0]["rng"][: len(single["rng"])] == single["rng"][:steps]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_sample_once_per_epoch_across_ranks_and_workers(runs: dict, stage: str) -> None:
     ranks = runs["ddp"][stage]
     expected = sorted(k for step in runs["single"][stage]["keys"] for k in step)
