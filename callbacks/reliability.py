@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -188,17 +190,45 @@ def checkpoint_dir(trainer: pl.Trainer) -> Path:
 
 
 class PreemptionCheckpoint(Callback):
-    """Save `<checkpoint dir>/<filename>.ckpt` when SIGTERM stops `fit`, then let Lightning exit.
+    """Save `<checkpoint dir>/<filename>.ckpt` when SIGTERM or Ctrl-C stops `fit`, then let
+    Lightning exit.
 
-    If the signal arrives during validation, weight-averaging callbacks hold the averaged weights
-    in the model; they are swapped back first so the checkpoint has the usual layout.
+    SIGTERM is Lightning's: a flag checked at the next batch boundary, then `SIGTERMException`.
+    A first Ctrl-C (SIGINT) in the main process takes the same path instead of raising
+    `KeyboardInterrupt` wherever the interpreter happens to be (possibly between two parameter
+    updates of one optimizer step); a second Ctrl-C aborts at once, as usual. If the signal
+    arrives during validation, weight-averaging callbacks hold the averaged weights in the model;
+    they are swapped back first so the checkpoint has the usual layout.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "last") -> None:
         self.dirpath, self.filename = dirpath, filename
         self.saved_path: Path | None = None
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning registered its own handlers (it restores what it found at teardown)
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def graceful(signum: int, frame: Any) -> None:
+            if trainer.received_sigterm:  # the second Ctrl-C: abort now
+                raise KeyboardInterrupt
+            rank_zero_info("Ctrl-C: stopping after this step and saving last.ckpt (press Ctrl-C again to abort)")
+            trainer._signal_connector.received_sigterm = True  # Lightning's SIGTERM path from here on
+
+        self._previous_sigint = signal.signal(signal.SIGINT, graceful)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         if trainer.validating:
@@ -208,4 +238,4 @@ class PreemptionCheckpoint(Callback):
         path = (Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer)) / f"{self.filename}.ckpt"
         trainer.save_checkpoint(path)
         self.saved_path = path
-        rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+        rank_zero_info(f"SIGTERM / Ctrl-C: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")

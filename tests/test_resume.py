@@ -161,6 +161,16 @@ def run_files(root: Path) -> tuple[list[str], Path]:
     return args, root / "ckpt"
 
 
+def test_ctrl_c_stops_at_the_step_boundary_and_saves_like_sigterm(tmp_path: Path, monkeypatch, capsys):
+    """SIGINT takes SIGTERM's path: the step it arrived in finishes, last.ckpt holds that step."""
+    args, ckpt = run_files(tmp_path)
+    monkeypatch.setenv("UNCLIP_SIGNAL_AT", "6:INT")
+    assert cli.main(args) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM or Ctrl-C" in capsys.readouterr().err
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
 def test_sigterm_saves_a_checkpoint_then_exits_143_and_resumes(tmp_path: Path, monkeypatch, capsys):
     args, ckpt = run_files(tmp_path)
     monkeypatch.setenv("UNCLIP_STEPLOG", str(tmp_path / "term.jsonl"))

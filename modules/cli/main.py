@@ -93,6 +93,6 @@ def _on_exit(command: str, exc: SystemExit) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     if isinstance(exc, SIGTERMException):
-        print(f"unclip {command}: stopped by SIGTERM (checkpoint saved; resume with --ckpt_path last)", file=sys.stderr)
+        print(f"unclip {command}: stopped by SIGTERM or Ctrl-C (checkpoint saved; resume with --ckpt_path last)", file=sys.stderr)
         return 128 + signal.SIGTERM
     raise exc
