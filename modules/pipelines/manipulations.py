@@ -4,6 +4,10 @@
 - Interpolations (§3.2): slerp between two images' z_i, decoder noise x_T fixed per row.
 - Text diffs (§3.3): z_d = norm(z_t - z_t0); slerp from z_i towards z_d with x_T from inversion.
 Images are conditioned on z_i alone (the caption input is dropped to its learned null).
+
+DDIM inversion runs the η = 0 update backwards without clipping x̂0, so whatever decodes an inverted
+x_T (reconstructions, variations, text diffs) decodes without clipping too (`INVERSE_PAIR`): with
+static clipping the round trip is no longer the exact inverse wherever x̂0 leaves [-1, 1].
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from torch import Tensor
 
 from modules.core.images import to_unit
 from modules.diffusion import ddim_invert
-from modules.diffusion.config import SamplingConfig, noise
+from modules.diffusion.config import Clipping, SamplingConfig, noise
 from modules.diffusion.schedules import space_timesteps
 from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
+
+
+INVERSE_PAIR = Clipping.NONE  # the clipping of DDIM inversion, hence of every decode from its x_T
 
 
 def slerp(a: Tensor, b: Tensor, theta: float | Tensor) -> Tensor:
@@ -55,10 +62,13 @@ def _decode(pipe: UnCLIPPipeline, z_i: Tensor, x_T: Tensor, sampling: SamplingCo
 
 
 @torch.no_grad()
-def reconstruction_error(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50) -> tuple[Tensor, float]:
-    """Invert then decode with eta = 0: reconstructions at decoder size, mean |error| in [0, 1] units."""
+def reconstruction_error(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50,
+                         clipping: Clipping = INVERSE_PAIR) -> tuple[Tensor, float]:
+    """Invert then decode with eta = 0: reconstructions at decoder size, mean |error| in [0, 1] units
+    (`clipping` of the decode; the inversion never clips, so NONE is the exact inverse pair)."""
     z_i, x_T = invert(pipe, images, steps)
-    rec = pipe.decoder.generate(pipe.decoder_kwargs(None, z_i), sampling=SamplingConfig(steps=steps, eta=0.0, guidance_scale=1.0), x_T=x_T)
+    sampling = SamplingConfig(steps=steps, eta=0.0, guidance_scale=1.0, clipping=clipping)
+    rec = pipe.decoder.generate(pipe.decoder_kwargs(None, z_i), sampling=sampling, x_T=x_T)
     rec = to_unit(rec)
     target = to_unit(to_decoder_input(pipe, images))
     return rec, (rec - target).abs().mean().item()
@@ -70,7 +80,8 @@ def variations(pipe: UnCLIPPipeline, images: Tensor, num: int = 4, eta: float = 
     """`num` variations per image, (B * num, 3, S, S) in [0, 1], image-major."""
     z_i, x_T = invert(pipe, images, steps)
     z_i, x_T = z_i.repeat_interleave(num, 0), x_T.repeat_interleave(num, 0)
-    return _decode(pipe, z_i, x_T, SamplingConfig(steps=steps, eta=eta, guidance_scale=guidance_scale), seed)
+    sampling = SamplingConfig(steps=steps, eta=eta, guidance_scale=guidance_scale, clipping=INVERSE_PAIR)
+    return _decode(pipe, z_i, x_T, sampling, seed)
 
 
 @torch.no_grad()
@@ -97,4 +108,4 @@ def text_diff(pipe: UnCLIPPipeline, image: Tensor, base_caption: str, new_captio
     thetas = torch.linspace(0, max_theta, num, device=z_i.device)[:, None]
     z_row = slerp(z_i.expand(num, -1), z_d.expand(num, -1), thetas)
     return _decode(pipe, z_row, x_T.expand(num, -1, -1, -1).contiguous(),
-                   SamplingConfig(steps=steps, eta=0.0, guidance_scale=guidance_scale), seed)
+                   SamplingConfig(steps=steps, eta=0.0, guidance_scale=guidance_scale, clipping=INVERSE_PAIR), seed)
