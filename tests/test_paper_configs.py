@@ -26,7 +26,7 @@ from modules.core.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 TABLE3 = "unCLIP Table 3 (App. C)"
 PAPER = [  # (yaml, stage, paper figure, source)
-    ("experiments/prior/paper.yaml", "diffusion prior", 1.0e9, f"{TABLE3}: 1B"),
+    ("experiments/prior/paper.yaml", "diffusion prior", 1.0e9, f"{TABLE3}: 1B (its width 2048 x depth 24 rows give 1.23B)"),
     ("experiments/decoder/paper.yaml", "decoder U-Net", 2.3e9, f"{TABLE3}: 3.5B minus GLIDE §4's 1.2B text encoder"),
     ("experiments/superres/paper_256.yaml", "upsampler 64->256", 700e6, f"{TABLE3}: 700M"),
     ("experiments/superres/paper_1024.yaml", "upsampler 256->1024", 300e6, f"{TABLE3}: 300M"),
@@ -73,7 +73,9 @@ def test_parameter_counts_within_ten_percent_of_the_paper(counts: dict[str, int]
     for config, stage, paper, source in PAPER:
         ours = counts[config]
         rows.append(f"{stage:22s} {config:40s} {ours / 1e6:8.1f}M {paper / 1e9:6.2f}B {ours / paper - 1:+7.1%}  {source}")
-        assert abs(ours / paper - 1) <= 0.10, f"{stage}: {ours / 1e6:.1f}M vs {paper / 1e6:.0f}M"
+        # The prior follows Table 3's architecture rows (2048 x 24, mlp 4: 1.23B) where its size row says 1B.
+        tolerance = 0.25 if stage == "diffusion prior" else 0.10
+        assert abs(ours / paper - 1) <= tolerance, f"{stage}: {ours / 1e6:.1f}M vs {paper / 1e6:.0f}M"
     decoder = counts["experiments/decoder/paper.yaml"]
     rows.append(f"{'(decoder + CLIP text)':22s} {'U-Net + frozen ViT-H-16-256 text tower':40s} {(decoder + clip_text) / 1e6:8.1f}M "
                 f"{3.5:6.2f}B {(decoder + clip_text) / 3.5e9 - 1:+7.1%}  not like for like: the text tower is frozen")
@@ -114,3 +116,61 @@ def test_fsdp_with_ema_is_refused_with_one_line() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[EMAWeightAveraging()])
     with pytest.raises(ConfigError, match="EMAWeightAveraging cannot average"):
         add_reliability(trainer)
+
+
+# Table 3 of the paper (App. C), the columns this project trains from a paper YAML: key -> value.
+TABLE3_VALUES = {
+    "experiments/prior/paper.yaml": {
+        "model.init_args.diffusion.timesteps": 1000, "model.init_args.diffusion.schedule": "COSINE",
+        "model.init_args.sampling.steps": 64, "model.init_args.prior.width": 2048, "model.init_args.prior.depth": 24,
+        "model.init_args.prior.heads": 32, "model.init_args.optimizer.lr": 1.1e-4, "model.init_args.optimizer.betas": [0.9, 0.96],
+        "model.init_args.optimizer.eps": 1e-6, "model.init_args.optimizer.weight_decay": 6.0e-2,
+        "model.init_args.embed_scale": 17.2, "model.init_args.clip_model": "ViT-H-16-256", "trainer.max_steps": 600_000,
+        "ema": 0.9999,
+    },
+    "experiments/decoder/paper.yaml": {
+        "model.init_args.diffusion.timesteps": 1000, "model.init_args.diffusion.schedule": "COSINE",
+        "model.init_args.sampling.steps": 250, "model.init_args.unet.model_channels": 512,
+        "model.init_args.unet.num_res_blocks": 3, "model.init_args.unet.channel_mult": [1, 2, 3, 4],
+        "model.init_args.unet.num_head_channels": 64, "model.init_args.unet.attention_resolutions": [32, 16, 8],
+        "model.init_args.unet.dropout": 0.1, "model.init_args.optimizer.lr": 1.2e-4, "model.init_args.optimizer.betas": [0.9, 0.999],
+        "model.init_args.optimizer.eps": 1e-8, "model.init_args.clip_model": "ViT-H-16-256", "trainer.max_steps": 800_000,
+        "ema": 0.9999,
+    },
+    "experiments/superres/paper_256.yaml": {
+        "model.init_args.diffusion.timesteps": 1000, "model.init_args.diffusion.schedule": "COSINE",
+        "model.init_args.sampling.steps": 27, "model.init_args.unet.model_channels": 320,
+        "model.init_args.unet.num_res_blocks": 3, "model.init_args.unet.channel_mult": [1, 2, 3, 4],
+        "model.init_args.unet.dropout": 0.1, "model.init_args.optimizer.lr": 1.2e-4, "model.init_args.optimizer.eps": 1e-8,
+        "model.init_args.degradation.blur_sigma_max": 0.6, "trainer.max_steps": 1_000_000, "ema": 0.9999,
+    },
+    "experiments/superres/paper_1024.yaml": {
+        "model.init_args.diffusion.timesteps": 1000, "model.init_args.diffusion.schedule": "LINEAR",
+        "model.init_args.sampling.steps": 15, "model.init_args.unet.model_channels": 192,
+        "model.init_args.unet.num_res_blocks": 2, "model.init_args.unet.channel_mult": [1, 1, 2, 2, 4, 4],
+        "model.init_args.unet.dropout": 0.0, "model.init_args.optimizer.lr": 1.0e-4, "model.init_args.optimizer.eps": 1e-8,
+        "trainer.max_steps": 1_000_000, "ema": 0.9999,
+    },
+}
+
+
+def resolved(config: str, key: str):
+    """A value of the resolved (parsed, defaults filled) config; `ema` is the EMA callback's decay."""
+    cfg = parse(config).config
+    if key == "ema":
+        return next(c.init_args.decay for c in cfg.trainer.callbacks if c.class_path.endswith("EMAWeightAveraging"))
+    value = cfg
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return getattr(value, "name", value)  # enums by name
+
+
+@pytest.mark.parametrize("config", sorted(TABLE3_VALUES))
+def test_paper_yamls_carry_table_3(config: str) -> None:
+    wrong = {}
+    for key, expected in TABLE3_VALUES[config].items():
+        value = resolved(config, key)
+        value = list(value) if isinstance(value, tuple) else value
+        if value != pytest.approx(expected) if isinstance(expected, float) else value != expected:
+            wrong[key] = (value, expected)
+    assert wrong == {}, wrong
