@@ -174,3 +174,45 @@ def test_fit_fits_pca_at_start_and_checkpoint_carries_it(tmp_path: Path):
     cond = synthetic(2)
     gen = lambda mod: mod.eval().generate(cond, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(gen(restored), gen(m), atol=1e-6)
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_others_mix_in_the_null():
+    """CFG on the codes' logits: s = 1 equals the conditional logits exactly; s = 0 equals the
+    unconditional (caption and z_t dropped to the learned null); s = 3 is l_0 + 3 (l_c - l_0)."""
+    torch.manual_seed(0)
+    module = ar_module()
+    net = module.net.eval()
+    with torch.no_grad():
+        net.prefix.null_text_embed.add_(torch.randn_like(net.prefix.null_text_embed))  # a null unlike z_t
+    b = 3
+    cfg = net.config
+    text = {"text_embed": torch.nn.functional.normalize(torch.randn(b, cfg.embed_dim), dim=-1),
+            "text_tokens": torch.randn(b, 5, cfg.text_width), "text_mask": torch.ones(b, 5, dtype=torch.bool)}
+    codes = torch.randint(0, cfg.num_buckets, (b, 2))
+    sim = torch.randint(0, cfg.similarity_buckets, (b,))
+    with torch.no_grad():
+        cond = net(codes, sim, **text)[:, -1]
+        uncond = net(codes, sim, drop_text=torch.ones(b, dtype=torch.bool), **text)[:, -1]
+        assert torch.equal(net.guided_logits(codes, sim, 1.0, **text), cond)
+        torch.testing.assert_close(net.guided_logits(codes, sim, 0.0, **text), uncond)
+        torch.testing.assert_close(net.guided_logits(codes, sim, 3.0, **text), uncond + 3 * (cond - uncond))
+    assert not torch.allclose(cond, uncond)
+
+
+def test_training_drops_the_conditioning_at_its_rate():
+    module = ar_module(drop_text_prob=1.0)
+    seen = []
+    original = module.net.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["drop_text"].clone())
+        return original(*args, **kwargs)
+
+    module.net.forward = spy
+    cond = {"image_embed": torch.nn.functional.normalize(torch.randn(4, 64), dim=-1),
+            "text_embed": torch.nn.functional.normalize(torch.randn(4, 64), dim=-1),
+            "text_tokens": torch.randn(4, 5, 64), "text_mask": torch.ones(4, 5, dtype=torch.bool)}
+    module.quantizer.fit(torch.nn.functional.normalize(torch.randn(256, 64), dim=-1), torch.nn.functional.normalize(torch.randn(256, 64), dim=-1))
+    module.code_loss(cond, 1.0)
+    module.code_loss(cond, 0.0)
+    assert seen[0].all() and not seen[1].any()

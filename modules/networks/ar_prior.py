@@ -167,10 +167,11 @@ class ARPriorTransformer(nn.Module):
         text_embed: Tensor,  # (B, D)
         text_tokens: Tensor,  # (B, L, W)
         text_mask: Tensor,  # (B, L) bool
+        drop_text: Tensor | None = None,  # (B,) bool: caption and z_t replaced by the learned null
     ) -> Tensor:
         """Logits (B, n + 1, K): row j is the distribution of code j given everything before it."""
         b, n = codes.shape
-        drop = torch.zeros(b, dtype=torch.bool, device=codes.device)
+        drop = drop_text if drop_text is not None else torch.zeros(b, dtype=torch.bool, device=codes.device)
         tokens, valid, zt = self.prefix(text_embed, text_tokens, text_mask, drop)
         head = torch.stack([zt, self.similarity(similarity)], dim=1) + self.roles  # (B, 2, w)
         body = self.codes(codes) + self.code_pos[:n]  # (B, n, w)
@@ -188,15 +189,32 @@ class ARPriorTransformer(nn.Module):
         text_tokens: Tensor,
         text_mask: Tensor,
         temperature: float = 1.0,
+        guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Codes (B, P) drawn one coordinate at a time (no KV cache: P full forward passes)."""
+        """Codes (B, P) drawn one coordinate at a time (no KV cache: P full forward passes), from
+        `guided_logits` at `guidance_scale`."""
         b = similarity.shape[0]
         codes = torch.zeros(b, 0, dtype=torch.long, device=similarity.device)
         for _ in range(self.config.num_components):
-            logits = self(codes, similarity, text_embed=text_embed, text_tokens=text_tokens, text_mask=text_mask)[:, -1]
+            logits = self.guided_logits(codes, similarity, guidance_scale, text_embed=text_embed, text_tokens=text_tokens,
+                                        text_mask=text_mask)
             codes = torch.cat([codes, sample_categorical(logits, temperature, generator)[:, None]], dim=1)
         return codes
+
+    def guided_logits(self, codes: Tensor, similarity: Tensor, guidance_scale: float, **text: Tensor) -> Tensor:
+        """Next-code logits (B, K) with classifier-free guidance in logit space (as for GLIDE's
+        diffusion ε, applied to an autoregressive model's logits): l_∅ + s (l_c − l_∅), the
+        unconditional row seeing the learned null instead of the caption and z_t. s = 1 is the
+        conditional model itself (one forward pass)."""
+        if guidance_scale == 1.0:
+            return self(codes, similarity, **text)[:, -1]
+        b = codes.shape[0]
+        drop = torch.arange(2 * b, device=codes.device) >= b  # [conditional rows; unconditional rows]
+        both = {k: torch.cat([v, v]) for k, v in text.items()}
+        logits = self(torch.cat([codes, codes]), torch.cat([similarity, similarity]), drop_text=drop, **both)[:, -1]
+        cond, uncond = logits[:b], logits[b:]
+        return uncond + guidance_scale * (cond - uncond)
 
 
 def sample_categorical(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

@@ -40,6 +40,9 @@ class ARPriorModule(pl.LightningModule):
         temperature: sampling temperature of the code distribution.
         similarity_quantile: sample the z_i · z_t token from the buckets above this quantile.
         num_candidates: best-of-n by dot product with z_t (1: the similarity token does that job).
+        drop_text_prob: the caption and z_t are replaced by a learned null this often in training,
+            for classifier-free guidance (paper: 10%, as for the diffusion prior).
+        guidance_scale: default scale of `generate`'s guided logits (1: the conditional model).
     """
 
     def __init__(
@@ -52,6 +55,8 @@ class ARPriorModule(pl.LightningModule):
         temperature: float = 1.0,
         similarity_quantile: float = 0.5,
         num_candidates: int = 1,
+        drop_text_prob: float = 0.1,
+        guidance_scale: float = 1.0,
         seed: int = 0,
     ) -> None:
         args = init_args(locals())
@@ -95,18 +100,20 @@ class ARPriorModule(pl.LightningModule):
                 buf.copy_(self.trainer.strategy.broadcast(buf, src=0))
 
     # -- training: cross-entropy on the codes --------------------------------------------------
-    def code_loss(self, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(mean cross-entropy in nats per code, per-coordinate CE (P,))."""
+    def code_loss(self, cond: dict[str, Tensor], drop_prob: float = 0.0) -> tuple[Tensor, Tensor]:
+        """(mean cross-entropy in nats per code, per-coordinate CE (P,)); the caption and z_t are
+        dropped to the learned null with probability `drop_prob` per sample (for guidance)."""
         codes = self.quantizer.encode(cond["image_embed"])  # (B, P)
         sim = self.quantizer.encode_similarity(cond["image_embed"], cond["text_embed"])  # (B,)
-        logits = self.net(codes[:, :-1], sim, **{k: cond[k] for k in TEXT_KEYS})  # (B, P, K)
+        drop = torch.rand(codes.shape[0], device=codes.device) < drop_prob  # (B,)
+        logits = self.net(codes[:, :-1], sim, drop_text=drop, **{k: cond[k] for k in TEXT_KEYS})  # (B, P, K)
         ce = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (B, P)
         return ce.mean(), ce.mean(0)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         cond = self.conditioner(batch)
         self.mean_embed.update(cond["image_embed"])
-        loss, _ = self.code_loss(cond)
+        loss, _ = self.code_loss(cond, self.hparams.drop_text_prob)  # conditioning dropped 10% (paper)
         self.log("train/loss", loss, prog_bar=True, batch_size=cond["image_embed"].shape[0])
         return loss
 
@@ -143,12 +150,14 @@ class ARPriorModule(pl.LightningModule):
         num_candidates: int | None = None,
         temperature: float | None = None,
         similarity_quantile: float | None = None,
+        guidance_scale: float | None = None,
         sampling: Any = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Unit-norm image embeddings (B, D) for `cond` (`text_embed`, `text_tokens`, `text_mask`).
 
-        Same call as `PriorModule.generate`; `sampling` (a diffusion sampler config) is ignored.
+        Same call as `PriorModule.generate`; the guidance scale is `guidance_scale`, else that of
+        `sampling` (the pipeline's prior sampling config) when given, else the module's.
         """
         n = num_candidates or self.hparams.num_candidates
         text = {k: cond[k] for k in TEXT_KEYS}
@@ -156,6 +165,8 @@ class ARPriorModule(pl.LightningModule):
         kwargs = repeat_rows(text, n)
         sim = self.sample_similarity(batch * n, generator, similarity_quantile)
         temp = self.hparams.temperature if temperature is None else temperature
-        codes = self.net.sample(sim, temperature=temp, generator=generator, **kwargs)  # (B n, P)
+        scale = guidance_scale if guidance_scale is not None else (
+            sampling.guidance_scale if sampling is not None else self.hparams.guidance_scale)
+        codes = self.net.sample(sim, temperature=temp, guidance_scale=scale, generator=generator, **kwargs)  # (B n, P)
         candidates = self.quantizer.decode(codes).view(batch, n, -1)
         return select_best(candidates, text["text_embed"])
