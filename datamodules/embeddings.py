@@ -255,6 +255,8 @@ class EmbeddingDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         self.train_urls = steps.expand_shards(self.hparams.train_shards)
+        if stage in (None, "fit") and not self.hparams.resampled:
+            steps.check_even_split(self.train_urls, self.world_size)
         self.val_urls = steps.expand_shards(self.hparams.val_shards) if self.hparams.val_shards else []
 
     def train_dataloader(self) -> DataLoader:

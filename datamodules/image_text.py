@@ -236,6 +236,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         # Fail early, in the main process, with one line naming the pattern.
         self.train_urls = steps.expand_shards(self.hparams.train_shards, allow_pipe=self.hparams.allow_pipe)
+        if stage in (None, "fit") and not self.hparams.resampled:
+            steps.check_even_split(self.train_urls, self.world_size)
         val = self.hparams.val_shards
         self.val_urls = steps.expand_shards(val, allow_pipe=self.hparams.allow_pipe) if val else []
 

@@ -166,6 +166,16 @@ class SplitByNode:
         return itertools.islice(src, self.rank, None, self.world_size)
 
 
+def check_even_split(urls: list[str], world_size: int, key: str = "data.train_shards") -> None:
+    """Without resampling, rank r reads shards r, r + W, ...: with a shard count that is not a
+    multiple of the world size one rank runs out first and the others wait for it in the next
+    collective (DALLE2-pytorch's PR #121 hang). Refuse that before training, in one line."""
+    if world_size > 1 and len(urls) % world_size:
+        raise ShardPatternError(
+            f"{key}: {len(urls)} shards cannot be dealt evenly over {world_size} ranks (one would run out first and "
+            f"hang the others); use resampled: true (with epoch_samples) or a multiple of {world_size} shards of equal size")
+
+
 def split_by_worker(src: Iterable[Sample]) -> Iterator[Sample]:
     """Keep every `num_workers`-th item starting at this DataLoader worker's id."""
     wid, n = worker_and_count()

@@ -130,3 +130,28 @@ def test_sigterm_under_ddp_saves_last_ckpt_on_both_ranks_exit(tmp_path: Path) ->
     assert "143" in codes and set(codes) <= {"143", "-15"}, codes
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3, "the periodic checkpoint was at step 2"
+
+
+def test_uneven_shards_over_ranks_stop_in_one_line_instead_of_hanging(tmp_path: Path) -> None:
+    """3 shards over 2 ranks without resampling: rank 1 would run out first and the other rank wait
+    for it forever in the next all-reduce (DALLE2-pytorch PR #121). Both ranks refuse before
+    training, each with one line naming the key; with resampling the same shards train."""
+    shards = ddp_probe.write_embedding_shards(tmp_path / "emb", shards=3, per_shard=16)
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "modules.cli", "fit",
+            "--config", str(ROOT / "experiments/prior/tiny.yaml"), "--data.train_shards", shards, "--data.val_shards=null",
+            "--data.loader.batch_size=8", "--data.loader.num_workers=0", "--model.clip_weights=null",
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_time=null",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.callbacks=null",
+            f"--trainer.default_root_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*base, "--data.resampled=false", "--trainer.max_steps=40"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("unclip fit: error:")]
+    assert proc.returncode != 0 and len(lines) == 2, proc.stderr[-3000:]
+    assert all("data.train_shards: 3 shards cannot be dealt evenly over 2 ranks" in line for line in lines)
+    frames = [line for line in proc.stderr.splitlines() if line.strip().startswith('File "') and "site-packages" not in line
+              and "<frozen" not in line]
+    assert frames == [], frames  # no traceback from the ranks (torchrun reports their exit 2 its own way)
+    ok = subprocess.run([*base, "--data.resampled=true", "--data.epoch_samples=32", "--trainer.max_steps=4"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
