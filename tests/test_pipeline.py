@@ -173,3 +173,12 @@ def test_unclip_evaluate_on_a_pipeline_dir(saved: Path, tmp_path: Path):
     assert "random init" not in report["feature_extractor"]["description"]  # the pipeline's own CLIP
     assert report["shapes_accuracy"]["n_single"] == 2 and report["shapes_accuracy"]["n_two"] == 2
     assert (out / "report.html").is_file()
+
+
+def test_stages_of_another_clip_are_refused(tmp_path: Path):
+    """A decoder trained against tiny-rn in a tiny-vit pipeline (same widths, other space) is refused."""
+    pipe = _pipeline()
+    other = DecoderModule(unet=UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                          attention_resolutions=(8,), num_head_channels=16), clip_model="tiny-rn")
+    with pytest.raises(PipelineError, match="decoder: trained against CLIP 'tiny-rn', but the pipeline's CLIP is 'tiny-vit'"):
+        UnCLIPPipeline(pipe.clip, other)

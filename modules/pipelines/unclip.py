@@ -17,6 +17,7 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
+from modules.core.errors import PipelineError
 from modules.core.images import to_unit
 from modules.diffusion.config import SamplingConfig
 from modules.networks.clip import FrozenCLIP, read_state_dict
@@ -48,6 +49,16 @@ class GenerateConfig:
     batch_size: int = 16
 
 
+def check_same_clip(clip_model: str, stages: dict[str, Any]) -> None:
+    """Every stage that reads CLIP embeddings was trained against the pipeline's CLIP: a prior or
+    decoder of another CLIP (other widths, or the same widths in another space) is refused."""
+    for kind, stage in stages.items():
+        trained = (getattr(stage, "hparams", None) or {}).get("clip_model") if stage is not None else None
+        if trained is not None and trained != clip_model and stage.hparams.get("text_encoder") is None:
+            raise PipelineError(f"{kind}: trained against CLIP {trained!r}, but the pipeline's CLIP is {clip_model!r}; "
+                                "every stage must use the same CLIP")
+
+
 class UnCLIPPipeline(nn.Module):
     """The unCLIP cascade assembled from trained stages (all frozen, eval mode)."""
 
@@ -57,6 +68,7 @@ class UnCLIPPipeline(nn.Module):
     def __init__(self, clip: FrozenCLIP, decoder: DecoderStage, prior: PriorStage | None = None,
                  upsamplers: list[UpsamplerStage] | None = None) -> None:
         super().__init__()
+        check_same_clip(clip.model_name, {"decoder": decoder, "prior": prior})
         self.clip, self.prior, self.decoder = clip, prior, decoder
         self.upsamplers = nn.ModuleList(upsamplers or [])
         self.tokenizer = open_clip.get_tokenizer(clip.model_name)
