@@ -112,7 +112,7 @@ class Demo:
         prompts = self.out / "prompts.txt"
         prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
         _check(_python() + ["generate", "--pipeline", str(self.pipeline), "--prompts-file", str(prompts),
-                            "--num-images", "4", "--steps", "25", "--seed", "0", "--out", str(self.out / "samples")])
+                            "--num-images", "4", "--seed", "0", "--out", str(self.out / "samples")])
 
     def evaluate(self) -> None:
         report = self.out / "report"
@@ -209,7 +209,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="unclip demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output root (another root moves every stage's paths under it)")
     p.add_argument("--num-samples", type=int, default=20000)
-    p.add_argument("--eval-prompts", type=int, default=180,
+    p.add_argument("--eval-prompts", type=int, default=120,
                    help="covering-set prompts scored with and without the prior (a third single-object)")
     p.add_argument("--force", action="store_true", help="redo finished steps")
     p.add_argument("--only", nargs="*", help="run only these steps")
