@@ -49,7 +49,7 @@ def evaluate(argv: list[str]) -> int:
 def evaluate_shapes(argv: list[str]) -> int:
     from datamodules.shapes.grammar import evaluation_captions
     from modules.evaluation.compositional import shapes_accuracy, val_captions
-    from modules.pipelines.unclip import UnCLIPPipeline
+    from modules.cli.pipeline import load_pipeline
 
     p = argparse.ArgumentParser(prog="unclip evaluate-shapes",
                                 description="Shapes compositional accuracy with and without the prior.")
@@ -71,6 +71,6 @@ def evaluate_shapes(argv: list[str]) -> int:
             raise UserError(f"no captions found in {a.shards}")
     else:
         captions = evaluation_captions(num_single=a.num_prompts // 3, num_pairs=a.num_prompts // 3, seed=a.seed)
-    pipe = UnCLIPPipeline.load(a.pipeline)
+    pipe = load_pipeline(a.pipeline)
     shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample)
     return 0

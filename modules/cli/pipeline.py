@@ -14,11 +14,14 @@ from pathlib import Path
 from modules.core.errors import UserError
 
 
-def _load_pipeline(path: str):
-    """A pipeline directory; a bad one raises `PipelineError`, a `UserError` (one line, exit 2)."""
+def load_pipeline(path: str):
+    """A pipeline directory on the GPU when there is one; a bad one raises `PipelineError`, a
+    `UserError` (one line, exit 2)."""
+    import torch
+
     from modules.pipelines.unclip import UnCLIPPipeline
 
-    return UnCLIPPipeline.load(path)
+    return UnCLIPPipeline.load(path, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -76,7 +79,7 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--no-prior", action="store_true", help="feed z_t to the decoder (ablation)")
     a = p.parse_args(argv)
     prompts = _read_prompts(a)
-    pipe = _load_pipeline(a.pipeline)
+    pipe = load_pipeline(a.pipeline)
     dec = pipe.decoder.sampling
     cfg = GenerateConfig(
         prior_mode=PriorMode.TEXT if a.no_prior else PriorMode.PRIOR,
@@ -107,7 +110,7 @@ def vary(argv: list[str]) -> int:
     p.add_argument("--eta", type=float, default=0.8)
     a = p.parse_args(argv)
     loaded = [load_image(i) for i in a.image]
-    pipe = _load_pipeline(a.pipeline)
+    pipe = load_pipeline(a.pipeline)
     images = torch.cat([to_unit(manipulations.to_decoder_input(pipe, im)) for im in loaded])
     out = manipulations.variations(pipe, images, a.num_images, a.eta, a.steps, seed=a.seed)
     save_images(out, Path(a.out), a.num_images)
@@ -128,7 +131,7 @@ def interpolate(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if len(a.image) != 2:
         raise UserError("--image must be given exactly twice")
-    pipe = _load_pipeline(a.pipeline)
+    pipe = load_pipeline(a.pipeline)
     out = manipulations.interpolate(pipe, load_image(a.image[0]), load_image(a.image[1]), a.num_images, a.steps, seed=a.seed)
     save_images(out, Path(a.out), a.num_images)
     (Path(a.out) / "inputs.json").write_text(json.dumps({"images": a.image}, indent=2))
@@ -149,7 +152,7 @@ def textdiff(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not a.base_caption.strip() or not a.caption.strip():
         raise UserError("captions must not be empty")
-    pipe = _load_pipeline(a.pipeline)
+    pipe = load_pipeline(a.pipeline)
     out = manipulations.text_diff(pipe, load_image(a.image), a.base_caption, a.caption, a.num_images, a.max_theta, a.steps, seed=a.seed)
     save_images(out, Path(a.out), a.num_images)
     (Path(a.out) / "inputs.json").write_text(json.dumps(vars(a), indent=2))
