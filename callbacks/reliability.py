@@ -208,8 +208,8 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning registered its own handlers (it restores what it found at teardown)
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return  # not the main thread, or SIGINT deliberately ignored (nohup, background jobs): leave it so
 
         def graceful(signum: int, frame: Any) -> None:
             if trainer.received_sigterm:  # the second Ctrl-C: abort now
