@@ -114,7 +114,7 @@ def stage_args(stage: str, data: dict[str, str]) -> list[str]:
         "clip": ["experiments/clip/tiny.yaml", *image, "--data.image_size=32", "--model.gather_with_grad=true"],
         "clip_nograd": ["experiments/clip/tiny.yaml", *image, "--data.image_size=32", "--model.gather_with_grad=false"],
         "prior": ["experiments/prior/tiny.yaml", *emb, "--model.drop_text_prob=0"],
-        "ar_prior": ["experiments/prior/ar_tiny.yaml", *emb, f"--model.fit_samples={PER_SHARD}",
+        "ar_prior": ["experiments/prior/ar_tiny.yaml", *emb, "--model.drop_text_prob=0", f"--model.fit_samples={PER_SHARD}",
                      f"--model.prior.num_components={PER_SHARD}"],
         "decoder": ["experiments/decoder/tiny.yaml", *image, "--model.clip_weights", data["clip"],
                     "--model.drop_image_prob=0", "--model.drop_text_prob=0"],
