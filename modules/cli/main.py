@@ -73,11 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return _on_exit(command, exc)
     except RunStopped as exc:
-        print(f"unclip {command}: error: {exc}", file=sys.stderr)
+        _say(f"unclip {command}: error: {exc}")
         return 1
     except (UserError, FileNotFoundError) as exc:
-        print(f"unclip {command}: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"unclip {command}: error: {_one_line(exc)}")
         return 2
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write. `print` writes the text and the newline
+    separately, so under torchrun two ranks' lines interleaved into one ("...sizeunclip fit: ...");
+    one write of under PIPE_BUF bytes to a pipe is atomic, so each rank's line stays whole."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -93,6 +101,6 @@ def _on_exit(command: str, exc: SystemExit) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     if isinstance(exc, SIGTERMException):
-        print(f"unclip {command}: stopped by SIGTERM or Ctrl-C (checkpoint saved; resume with --ckpt_path last)", file=sys.stderr)
+        _say(f"unclip {command}: stopped by SIGTERM or Ctrl-C (checkpoint saved; resume with --ckpt_path last)")
         return 128 + signal.SIGTERM
     raise exc
