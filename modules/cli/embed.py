@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from modules.cli.args import Parser, count, output_dir
 from modules.core.errors import UserError
 
 
@@ -105,20 +106,22 @@ def export_embeddings(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="unclip embed", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser = Parser(prog="unclip embed", description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--clip", required=True, help="open_clip model name (e.g. tiny-vit, ViT-H-14)")
     parser.add_argument("--weights", required=True, help="local weights file or CLIP-stage checkpoint; 'none' = random init")
     parser.add_argument("--shards", required=True, nargs="+", help="source shard patterns (brace/glob)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, type=output_dir, help="output folder")
     parser.add_argument("--fp16", action="store_true", help="store arrays as float16")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=None, help="loader resize (default: the CLIP input size)")
+    parser.add_argument("--batch-size", type=count(1, 65536), default=256)
+    parser.add_argument("--num-workers", type=count(0, 256), default=2)
+    parser.add_argument("--image-size", type=count(8, 4096), default=None, help="loader resize (default: the CLIP input size)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true", help="Lightning precision for the encoders, e.g. 16-mixed")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     weights = None if args.weights.lower() == "none" else args.weights
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: file not found")
     stats = export_embeddings(
         args.clip,
         weights,

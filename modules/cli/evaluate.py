@@ -6,30 +6,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modules.cli.args import Parser, count, output_dir, real
 from modules.core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unclip evaluate", description="Sample from a decoder checkpoint or a pipeline; FID / KID / IS / CLIP score report.")
+    p = Parser(prog="unclip evaluate", description="Sample from a decoder checkpoint or a pipeline; FID / KID / IS / CLIP score report.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a stage checkpoint (.ckpt), loaded with weights_only=True")
     src.add_argument("--pipeline", help="a pipeline directory (modules/pipelines/unclip.py)")
     p.add_argument("--val-shards", help="real images + captions (WebDataset shards), e.g. 'data/shapes/val-*.tar'")
     p.add_argument("--prompts", help="text file, one prompt per line (cycled); default: the val captions")
     p.add_argument("--class-prompts", help="text file of class prompts for the CLIP Inception Score (default: the unique prompts)")
-    p.add_argument("--out", required=True, help="output directory (report.json, report.html, images/)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="override the sampling steps")
-    p.add_argument("--guidance-scale", type=float, help="override the classifier-free guidance scale")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory (report.json, report.html, images/)")
+    p.add_argument("--num-samples", type=count(1, 1_000_000), default=64)
+    p.add_argument("--batch-size", type=count(1, 4096), default=16)
+    p.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
+    p.add_argument("--steps", type=count(1, 1000), help="override the sampling steps")
+    p.add_argument("--guidance-scale", type=real(0.0, 100.0), help="override the classifier-free guidance scale")
     p.add_argument("--inception-weights", help="local Inception-v3 FID weights (weights-inception-2015-12-05-6726825d.pth)")
     p.add_argument("--clip-model", help="CLIP for FID_CLIP / CLIP score (default: the checkpoint's CLIP)")
     p.add_argument("--clip-weights", help="local weights for --clip-model")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--isc-splits", type=int, default=10)
-    p.add_argument("--show", type=int, default=16, help="samples saved and shown in the HTML report")
+    p.add_argument("--kid-subsets", type=count(1, 10_000), default=100)
+    p.add_argument("--kid-subset-size", type=count(2, 1_000_000), default=1000)
+    p.add_argument("--isc-splits", type=count(1, 1000), default=10)
+    p.add_argument("--show", type=count(0, 10_000), default=16, help="samples saved and shown in the HTML report")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--wandb", action="store_true", help="also log the report to W&B (offline unless WANDB_MODE=online)")
     return p
@@ -39,6 +40,7 @@ def evaluate(argv: list[str]) -> int:
     from modules.evaluation.evaluate import EvalConfig, evaluate as run_evaluation
 
     args = vars(build_parser().parse_args(argv))
+    args["out"] = str(args["out"])
     report = run_evaluation(EvalConfig(**args))
     m = report["metrics"]
     summary = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if v is not None)
@@ -51,20 +53,18 @@ def evaluate_shapes(argv: list[str]) -> int:
     from modules.evaluation.compositional import shapes_accuracy, val_captions
     from modules.cli.pipeline import load_pipeline
 
-    p = argparse.ArgumentParser(prog="unclip evaluate-shapes",
+    p = Parser(prog="unclip evaluate-shapes",
                                 description="Shapes compositional accuracy with and without the prior.")
     p.add_argument("--pipeline", required=True)
     p.add_argument("--shards", help="val shards whose first captions are the prompts (default: the covering set: "
                    "every colour-shape pair alone, two-object scenes in both phrasings of all four relations, "
                    "same-colour pairs; datamodules.shapes.grammar.evaluation_captions)")
-    p.add_argument("--num-prompts", type=int, default=540, help="a third single-object, two thirds two-object")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="decoder DDIM steps (default: the decoder's own)")
+    p.add_argument("--num-prompts", type=count(3, 100_000), default=540, help="a third single-object, two thirds two-object")
+    p.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
+    p.add_argument("--steps", type=count(1, 1000), default=None, help="decoder DDIM steps (default: the decoder's own)")
     p.add_argument("--no-upsample", action="store_true", help="score at the decoder's resolution")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
-    if a.num_prompts < 3:
-        raise UserError(f"--num-prompts: must be at least 3, got {a.num_prompts}")
     if a.shards:
         captions = val_captions(a.shards, a.num_prompts)
         if not captions:

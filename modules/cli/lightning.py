@@ -16,10 +16,12 @@ import argparse
 import os
 import re
 import traceback
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -53,6 +55,29 @@ _KEY = re.compile(r'Parser key "([^"]+)"')
 LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
                "multiprocessing_context")
 MOVED_KEYS = {f"data.{k}": f"data.loader.{k}" for k in LOADER_KEYS}
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each `--config FILE` is read before LightningCLI sees it: a missing file, bytes that are not
+    UTF-8, YAML that does not parse or is not a mapping of keys give one line naming the file."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"--config {path}: not valid YAML{where}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of keys (trainer:, model:, data:), got a {type(data).__name__}")
 
 
 def moved_hint(summary: str) -> str:
@@ -107,8 +132,15 @@ def summarize_error(message: str) -> str:
                 break
     if best is not None:
         return f"{best[1]}: {best[2]}" if best[1] else best[2]
-    errors = [line.strip(" -") for line in lines if line.lstrip().startswith("- ") and "NoneType" not in line]
-    return errors[0] if errors else lines[0].strip()
+    # A Union of subtypes nests the real reason (e.g. a config dataclass's own range check,
+    # "unet.image_size: 0 is not a number in [1, 4096]") under "Does not validate ..." lines: take
+    # the deepest one that is a reason.
+    errors = [(_indent(line), line.strip(" -")) for line in lines if line.lstrip().startswith("- ") and "NoneType" not in line]
+    reasons = [(i, text) for i, text in errors if not text.startswith("Does not validate")]
+    if reasons:
+        deepest = max(i for i, _ in reasons)
+        return next(text for i, text in reasons if i == deepest)
+    return errors[0][1] if errors else lines[0].strip()
 
 
 def _class_path_in(message: str) -> str | None:

@@ -25,8 +25,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def lightning(argv: list[str]) -> int:
     """LightningCLI with parse errors raised (not printed with the whole usage) so that `main`
     reports them as one line naming the key."""
-    from modules.cli.lightning import UnclipCLI, parse_error
+    from modules.cli.lightning import UnclipCLI, check_config_files, parse_error
 
+    check_config_files(argv)
     try:
         UnclipCLI(args=argv, parser_kwargs={"exit_on_error": False})
     except argparse.ArgumentError as exc:

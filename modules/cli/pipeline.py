@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from modules.cli.args import Parser, count, output_dir, real
 from modules.core.errors import UserError
 
 
@@ -41,22 +42,22 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="pipeline directory (unclip pipeline ...)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the decoder")
+    parser.add_argument("--out", required=True, type=output_dir, help="output directory")
+    parser.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
+    parser.add_argument("--steps", type=count(1, 1000), default=50, help="DDIM steps of the decoder")
 
 
 def assemble(argv: list[str]) -> int:
     from modules.pipelines.unclip import UnCLIPPipeline
 
-    p = argparse.ArgumentParser(prog="unclip pipeline", description="Assemble stage checkpoints into a pipeline directory.")
+    p = Parser(prog="unclip pipeline", description="Assemble stage checkpoints into a pipeline directory.")
     p.add_argument("--clip-model", required=True)
     p.add_argument("--clip-weights", default=None, help="CLIP weights file or CLIP-stage checkpoint")
     p.add_argument("--prior", default=None, help="prior stage checkpoint")
     p.add_argument("--prior-class", default="modules.stages.prior.PriorModule")
     p.add_argument("--decoder", required=True, help="decoder stage checkpoint")
     p.add_argument("--upsampler", action="append", default=[], help="upsampler checkpoint (repeat, low to high)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
     # PipelineError (a UserError) and FileNotFoundError are reported by `unclip` as one line.
     pipe = UnCLIPPipeline.from_checkpoints(a.clip_model, a.clip_weights, a.decoder, a.prior, a.upsampler, a.prior_class)
@@ -69,13 +70,13 @@ def generate(argv: list[str]) -> int:
     from modules.diffusion.config import SamplingConfig
     from modules.pipelines.unclip import GenerateConfig, PriorMode
 
-    p = argparse.ArgumentParser(prog="unclip generate", description="Text to image with a pipeline directory.")
+    p = Parser(prog="unclip generate", description="Text to image with a pipeline directory.")
     _common(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--decoder-guidance", type=float, default=None)
-    p.add_argument("--prior-guidance", type=float, default=None)
+    p.add_argument("--num-images", type=count(1, 1024), default=4)
+    p.add_argument("--decoder-guidance", type=real(0.0, 100.0), default=None)
+    p.add_argument("--prior-guidance", type=real(0.0, 100.0), default=None)
     p.add_argument("--no-prior", action="store_true", help="feed z_t to the decoder (ablation)")
     a = p.parse_args(argv)
     prompts = _read_prompts(a)
@@ -103,11 +104,11 @@ def vary(argv: list[str]) -> int:
     from modules.core.images import load_image, save_images, to_unit
     from modules.pipelines import manipulations
 
-    p = argparse.ArgumentParser(prog="unclip vary", description="Variations of images (paper §3.1).")
+    p = Parser(prog="unclip vary", description="Variations of images (paper §3.1).")
     _common(p)
     p.add_argument("--image", action="append", required=True)
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--eta", type=float, default=0.8)
+    p.add_argument("--num-images", type=count(1, 1024), default=4)
+    p.add_argument("--eta", type=real(0.0, 1.0), default=0.8)
     a = p.parse_args(argv)
     loaded = [load_image(i) for i in a.image]
     pipe = load_pipeline(a.pipeline)
@@ -124,10 +125,10 @@ def interpolate(argv: list[str]) -> int:
     from modules.core.images import load_image, save_images
     from modules.pipelines import manipulations
 
-    p = argparse.ArgumentParser(prog="unclip interpolate", description="Interpolate between two images (§3.2).")
+    p = Parser(prog="unclip interpolate", description="Interpolate between two images (§3.2).")
     _common(p)
     p.add_argument("--image", action="append", required=True, help="exactly two images")
-    p.add_argument("--num-images", type=int, default=5)
+    p.add_argument("--num-images", type=count(1, 1024), default=5)
     a = p.parse_args(argv)
     if len(a.image) != 2:
         raise UserError("--image must be given exactly twice")
@@ -142,13 +143,13 @@ def textdiff(argv: list[str]) -> int:
     from modules.core.images import load_image, save_images
     from modules.pipelines import manipulations
 
-    p = argparse.ArgumentParser(prog="unclip textdiff", description="Text diffs (§3.3).")
+    p = Parser(prog="unclip textdiff", description="Text diffs (§3.3).")
     _common(p)
     p.add_argument("--image", required=True)
     p.add_argument("--base-caption", required=True)
     p.add_argument("--caption", required=True)
-    p.add_argument("--num-images", type=int, default=5)
-    p.add_argument("--max-theta", type=float, default=0.5)
+    p.add_argument("--num-images", type=count(1, 1024), default=5)
+    p.add_argument("--max-theta", type=real(0.0, 1.0), default=0.5)
     a = p.parse_args(argv)
     if not a.base_caption.strip() or not a.caption.strip():
         raise UserError("captions must not be empty")

@@ -47,6 +47,17 @@ def coerce_fields(obj: Any) -> None:
             setattr(obj, f.name, tuple(value))
 
 
+def check_range(owner: str, name: str, value: Any, low: float, high: float) -> None:
+    """Refuse a numeric field outside [low, high] (or not a number) with one line naming it.
+
+    Sizes come from YAML, the command line and untrusted files (pipeline.json, checkpoints):
+    bounding them where they enter keeps a typo like image_size 10^6 from allocating terabytes."""
+    from modules.core.errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{owner}.{name}: {value!r} is not a number in [{low}, {high}]")
+
+
 def as_config(cls: type[T], value: T | dict | None) -> T:
     """A config dataclass from an instance, a plain dict (e.g. from a checkpoint) or None."""
     if value is None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from modules.core.hparams import coerce_fields
+from modules.core.hparams import check_range, coerce_fields
 
 from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, VarianceType
 from .guidance import classifier_free_guidance, dynamic_threshold, static_clip
@@ -35,6 +35,8 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        check_range("diffusion", "timesteps", self.timesteps, 2, 100_000)
+        check_range("diffusion", "min_snr_gamma", self.min_snr_gamma, 1e-6, 1e6)
 
     def build(self) -> GaussianDiffusion:
         return GaussianDiffusion(
@@ -72,6 +74,10 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        check_range("sampling", "steps", self.steps, 1, 100_000)
+        check_range("sampling", "eta", self.eta, 0.0, 1.0)
+        check_range("sampling", "guidance_scale", self.guidance_scale, 0.0, 1000.0)
+        check_range("sampling", "dynamic_percentile", self.dynamic_percentile, 0.5, 1.0)
 
     def clip_fn(self) -> ClipFn | None:
         if self.clipping is Clipping.STATIC:

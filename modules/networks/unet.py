@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modules.core.errors import ConfigError
+from modules.core.hparams import check_range
 from modules.networks.linear import Linear
 from modules.networks.unet_blocks import (
     AttentionBlock,
@@ -76,6 +78,26 @@ class UNetConfig:
             raise ValueError(f"num_res_blocks: counts must be >= 0, got {self.num_res_blocks}")
         if self.context_dim is None:
             self.context_dim = self.model_channels * max(self.channel_mult)
+        self.check_sizes()
+
+    def check_sizes(self) -> None:
+        """Bound every size before any weight is allocated; the image must halve cleanly at every level."""
+        for name, high in (("image_size", 4096), ("in_channels", 64), ("out_channels", 128), ("model_channels", 4096),
+                           ("num_head_channels", 4096), ("num_image_tokens", 256), ("num_groups", 1024)):
+            check_range("unet", name, getattr(self, name), 1, high)
+        check_range("unet", "dropout", self.dropout, 0.0, 1.0)
+        for name in ("image_embed_dim", "text_embed_dim", "context_dim"):
+            if getattr(self, name) is not None:
+                check_range("unet", name, getattr(self, name), 1, 65536)
+        for mult in self.channel_mult:
+            check_range("unet", "channel_mult", mult, 1, 64)
+        for count in self.blocks_per_level:
+            check_range("unet", "num_res_blocks", count, 0, 64)
+        levels = len(self.channel_mult)
+        check_range("unet", "channel_mult (levels)", levels, 1, 12)
+        if self.image_size % 2 ** (levels - 1):
+            raise ConfigError(f"unet.image_size: {self.image_size} does not halve {levels - 1} times "
+                              f"(channel_mult has {levels} levels): use a multiple of {2 ** (levels - 1)}")
 
     @property
     def blocks_per_level(self) -> tuple[int, ...]:

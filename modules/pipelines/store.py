@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modules.core.errors import CheckpointReadError, PipelineError
+from modules.core.errors import CheckpointReadError, PipelineError, UserError
 from modules.core.safe_load import read_lightning_checkpoint
 from modules.stages.registry import StageKind, init_kwargs, stage_class
 
@@ -74,9 +75,13 @@ def read_spec(directory: Path, fmt: str, version: int, required: tuple[str, ...]
     if not spec_path.is_file():
         raise PipelineError(f"not a pipeline directory (no pipeline.json): {directory}")
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = json.loads(spec_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{spec_path}: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{spec_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(spec, dict):
+        raise PipelineError(f"{spec_path}: expected a JSON object, got {type(spec).__name__}")
     if spec.get("format") != fmt or spec.get("version") != version:
         raise PipelineError(f"{spec_path}: field 'format'/'version' is {spec.get('format')!r}/{spec.get('version')!r}, expected {fmt!r}/{version}")
     for key in required:
@@ -85,15 +90,59 @@ def read_spec(directory: Path, fmt: str, version: int, required: tuple[str, ...]
     return spec, spec_path
 
 
-def load_stage(kind: StageKind | str, entry: dict[str, Any], directory: Path, spec_path: Path) -> nn.Module:
-    """An allow-listed stage class built from its plain hparams, weights from safetensors."""
+def load_stage(kind: StageKind | str, entry: Any, directory: Path, spec_path: Path) -> nn.Module:
+    """An allow-listed stage class built from its plain hparams, weights from safetensors.
+
+    `pipeline.json` is untrusted input: the entry's fields are type-checked, the weight file must be
+    a relative path that stays inside the folder (no absolute path, no `..`, no symlink out), the
+    hparams go through the stage's typed configs (bounded sizes) before anything is allocated, and
+    every failure is one `PipelineError` line naming the file and the field."""
     kind = StageKind(kind)
-    module = stage_class(kind, entry["class_path"], str(spec_path), PipelineError)(**init_kwargs(entry["hparams"]))
-    weights = directory / entry["weights"]
-    if not weights.is_file():
-        raise PipelineError(f"{spec_path}: weights file {entry['weights']!r} is missing")
-    module.load_state_dict(load_file(str(weights)))
+    where = f"{spec_path}: {kind.value}"
+    if not isinstance(entry, dict):
+        raise PipelineError(f"{where}: expected an object with class_path, hparams, weights; got {type(entry).__name__}")
+    for key, typ in (("class_path", str), ("hparams", dict), ("weights", str)):
+        if not isinstance(entry.get(key), typ):
+            raise PipelineError(f"{where}.{key}: expected a {typ.__name__}, got {type(entry.get(key)).__name__}")
+    cls = stage_class(kind, entry["class_path"], str(spec_path), PipelineError)
+    weights = contained_file(directory, entry["weights"], f"{where}.weights")
+    try:
+        module = cls(**init_kwargs(entry["hparams"]))
+    except UserError as exc:
+        raise PipelineError(f"{where}.hparams: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise PipelineError(f"{where}.hparams: {_first_line(exc)}") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PipelineError(f"{where}.weights: {entry['weights']!r} is not a readable safetensors file ({_first_line(exc)})") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PipelineError(f"{where}.weights: {entry['weights']!r} does not fit {entry['class_path']} "
+                            f"with these hparams ({_first_line(exc, skip_header=True)})") from None
     return module
+
+
+def contained_file(directory: Path, name: str, where: str) -> Path:
+    """`directory / name` for a relative `name` that resolves (symlinks followed) inside `directory`."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise PipelineError(f"{where}: {name!r} must be a file name relative to the pipeline folder")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise PipelineError(f"{where}: {name!r} leads outside the pipeline folder")
+    if not path.is_file():
+        raise PipelineError(f"{where}: weights file {name!r} is missing")
+    return path
+
+
+def _first_line(exc: BaseException, skip_header: bool = False) -> str:
+    """A one-line reason: torch's multi-line load_state_dict errors give their first detail line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if skip_header and len(lines) > 1:
+        lines = lines[1:]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def save_weights(module: nn.Module, path: Path) -> None:

@@ -15,14 +15,23 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from modules.core.errors import PipelineError
 from modules.core.images import to_unit
 from modules.diffusion.config import SamplingConfig
 from modules.networks.clip import FrozenCLIP, read_state_dict
-from modules.pipelines.store import atomic_directory, load_stage, load_stage_checkpoint, read_spec, save_stage, save_weights
-from modules.stages.conditioning import trim_tokens
+from modules.pipelines.store import (
+    atomic_directory,
+    contained_file,
+    load_stage,
+    load_stage_checkpoint,
+    read_spec,
+    save_stage,
+    save_weights,
+)
+from modules.stages.conditioning import clip_dims, trim_tokens
 from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
 from modules.stages.registry import STAGE_CLASSES, StageKind
 
@@ -47,6 +56,31 @@ class GenerateConfig:
     upsampler_sampling: list[SamplingConfig | None] = field(default_factory=list)
     upsample: bool = True  # False: stop at the decoder's resolution
     batch_size: int = 16
+
+
+def load_clip_entry(entry: Any, directory: Path, spec_path: Path) -> FrozenCLIP:
+    """The pipeline's frozen CLIP: a registered open_clip name and a weight file inside the folder."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("model_name"), str) or not isinstance(entry.get("weights"), str):
+        raise PipelineError(f"{spec_path}: clip: expected an object with string fields model_name and weights")
+    weights = contained_file(directory, entry["weights"], f"{spec_path}: clip.weights")
+    try:
+        clip_dims(entry["model_name"])
+    except ValueError:
+        raise PipelineError(f"{spec_path}: clip.model_name: unknown CLIP model {entry['model_name']!r}") from None
+    clip = FrozenCLIP(entry["model_name"])
+    try:
+        clip.model.load_state_dict(read_state_dict(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PipelineError(f"{spec_path}: clip.weights: {entry['weights']!r} does not hold {entry['model_name']} weights "
+                            f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from None
+    return clip
+
+
+def upsampler_entries(spec: dict[str, Any], spec_path: Path) -> list[Any]:
+    entries = spec.get("upsamplers", [])
+    if not isinstance(entries, list):
+        raise PipelineError(f"{spec_path}: upsamplers: expected a list, got {type(entries).__name__}")
+    return entries
 
 
 def check_same_clip(clip_model: str, stages: dict[str, Any]) -> None:
@@ -107,10 +141,9 @@ class UnCLIPPipeline(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> UnCLIPPipeline:
         directory = Path(directory)
         spec, spec_path = read_spec(directory, FORMAT, VERSION, required=("clip", "decoder"))
-        clip = FrozenCLIP(spec["clip"]["model_name"])
-        clip.model.load_state_dict(read_state_dict(directory / spec["clip"]["weights"]))
+        clip = load_clip_entry(spec["clip"], directory, spec_path)
         prior = load_stage(StageKind.PRIOR, spec["prior"], directory, spec_path) if spec.get("prior") else None
-        ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in spec.get("upsamplers", [])]
+        ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in upsampler_entries(spec, spec_path)]
         return cls(clip, load_stage(StageKind.DECODER, spec["decoder"], directory, spec_path), prior, ups).to(device)
 
     # -- generation ------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Command-line arguments checked where they enter: one line naming the flag, before any work.
+
+`Parser` is an `argparse.ArgumentParser` whose errors raise `UserError` (so `unclip` prints one
+`unclip COMMAND: error: argument --steps: ...` line instead of argparse's usage block), and
+`count`, `real` and `output_dir` are argparse types/checks with explicit ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Callable, NoReturn
+
+from modules.core.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors as `UserError` (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Check that `path` can become an output folder, without creating anything: it is a folder or
+    does not exist yet, and its nearest existing ancestor is a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
+    return path
