@@ -101,7 +101,7 @@ def test_two_fits_with_one_seed_give_identical_weights(tmp_path: Path, tiny_shar
 
     pattern, _ = tiny_shards
     config = yaml.safe_load(shrink_tiny_yaml(tmp_path, pattern).read_text())
-    config["trainer"]["callbacks"] = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("EMAWeightAveraging")]
+    config["trainer"]["callbacks"] = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith(("EMAWeightAveraging", "WarmupEMA"))]
     config["trainer"].update(logger=False, limit_val_batches=0, num_sanity_val_steps=0, max_steps=6, val_check_interval=3)
     config["data"]["init_args"]["loader"]["num_workers"] = 1
     states = []
