@@ -148,3 +148,21 @@ def test_config_validation_and_yaml_names():
         DegradationConfig(scale_max=0.5)
     with pytest.raises(ValueError):
         DegradationConfig()(images(), 1.5)
+
+
+def test_paper_blur_kernel_3_matches_the_closed_form_3_tap_gaussian():
+    """unCLIP Table 3's 64->256 blur: a 3 x 3 kernel at σ 0.6. Away from the border the output is
+    the image convolved with w = exp(-i²/2σ²) / Σ, i ∈ {-1, 0, 1}, along each axis."""
+    cfg = DegradationConfig(kind=Augmentation.BLUR, blur_sigma_max=0.6, blur_kernel_size=3)
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0
+    out = cfg(x, torch.tensor([1.0]))[0, 0]
+    w = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * 0.6**2))
+    w = w / w.sum()
+    expected = torch.zeros(9, 9)
+    expected[3:6, 3:6] = torch.outer(w, w)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    wide = DegradationConfig(kind=Augmentation.BLUR, blur_sigma_max=0.6)(x, torch.tensor([1.0]))[0, 0]
+    assert wide[4, 6] > 0 and out[4, 6] == 0  # the default ±3σ kernel (5 taps) reaches further
+    with pytest.raises(ValueError, match="blur_kernel_size"):
+        DegradationConfig(kind=Augmentation.BLUR, blur_kernel_size=4)

@@ -142,7 +142,8 @@ TABLE3_VALUES = {
         "model.init_args.sampling.steps": 27, "model.init_args.unet.model_channels": 320,
         "model.init_args.unet.num_res_blocks": 3, "model.init_args.unet.channel_mult": [1, 2, 3, 4],
         "model.init_args.unet.dropout": 0.1, "model.init_args.optimizer.lr": 1.2e-4, "model.init_args.optimizer.eps": 1e-8,
-        "model.init_args.degradation.blur_sigma_max": 0.6, "trainer.max_steps": 1_000_000, "ema": 0.9999,
+        "model.init_args.degradation.blur_sigma_max": 0.6, "model.init_args.degradation.blur_kernel_size": 3,
+        "trainer.max_steps": 1_000_000, "ema": 0.9999,
     },
     "experiments/superres/paper_1024.yaml": {
         "model.init_args.diffusion.timesteps": 1000, "model.init_args.diffusion.schedule": "LINEAR",
