@@ -7,6 +7,7 @@ resolution, a `grid.png`, and a JSON file that maps indices to their inputs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -89,7 +90,10 @@ def generate(argv: list[str]) -> int:
                                         clipping=dec.clipping),
     )
     if a.prior_guidance is not None and pipe.prior is not None:
-        cfg.prior_sampling = SamplingConfig(**{**vars(pipe.prior.sampling), "guidance_scale": a.prior_guidance})
+        # The diffusion prior samples per its SamplingConfig; the AR prior has none and reads only
+        # `sampling.guidance_scale` (its other knobs are its own hparams).
+        base = getattr(pipe.prior, "sampling", None) or SamplingConfig()
+        cfg.prior_sampling = dataclasses.replace(base, guidance_scale=a.prior_guidance)
     images = pipe.generate(prompts, a.num_images, seed=a.seed, config=cfg)
     out = Path(a.out)
     save_images(images, out, a.num_images)
@@ -156,5 +160,5 @@ def textdiff(argv: list[str]) -> int:
     pipe = load_pipeline(a.pipeline)
     out = manipulations.text_diff(pipe, load_image(a.image), a.base_caption, a.caption, a.num_images, a.max_theta, a.steps, seed=a.seed)
     save_images(out, Path(a.out), a.num_images)
-    (Path(a.out) / "inputs.json").write_text(json.dumps(vars(a), indent=2))
+    (Path(a.out) / "inputs.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, indent=2))
     return 0
