@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from modules.core.errors import DataError
+from modules.core.images import flatten_rgb
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,10 @@ class CaptionRules:
 
 
 class DecodeSamples:
-    """Raw tar members -> {"key", "image": PIL RGB, "caption": str, "meta": dict, **extra}.
+    """Raw tar members -> {"key", "image": PIL RGB, "caption": str, **extra}.
+
+    Images of any mode become 8-bit RGB by `modules.core.images.flatten_rgb`: transparent pixels
+    composited on white, 16-bit grayscale scaled (not clipped) to 8 bits.
 
     Samples with a missing/undecodable image or a missing/empty/over-long/non-UTF-8 caption are
     skipped and counted by reason. `extra` names further members (e.g. embedding `.npy`s) to pass
@@ -236,7 +240,7 @@ class DecodeSamples:
                 continue
             try:
                 with Image.open(io.BytesIO(raw[image_ext])) as im:
-                    image = im.convert("RGB")
+                    image = flatten_rgb(im)  # transparency on white, 16-bit scaled
             except Exception:  # PIL raises many types for bad bytes
                 counter.skip("bad_image", where)
                 continue

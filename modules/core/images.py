@@ -58,14 +58,43 @@ def save_images(images: Tensor, out: Path, per_row: int) -> None:
     save_png(tile(images.detach().float().cpu(), per_row, pad=2, pad_value=1.0), out / "grid.png")
 
 
+WHITE = (255, 255, 255)
+# Modes with an alpha band; other modes may carry a tRNS `transparency` in `image.info`.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def flatten_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB as it looks on a white page.
+
+    `image.convert("RGB")` alone gets three kinds of file wrong:
+    - transparency (RGBA, LA, PA, or a palette / grayscale / RGB PNG's tRNS `transparency`) is
+      dropped, showing whatever colour the transparent pixels hide (often black): it is
+      composited on white instead;
+    - 16-bit grayscale (`I;16*`, and `I` as older Pillow opens such PNGs) is clipped to 255, so
+      every value above 255 of 65535 turns white: it is scaled to 8 bits (v / 257, rounded).
+      (Pillow itself opens 16-bit RGB / RGBA PNGs as 8-bit RGB / RGBA, keeping the high byte.)
+    - CMYK goes through Pillow's conversion, R = (255 - C)(255 - K) / 255 (no ICC profile).
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", image.size, WHITE)
+        out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return out
+    return image.convert("RGB")
+
+
 def load_image(path: str | Path) -> Tensor:
-    """(1, 3, H, W) in [0, 1]; one clear error for a missing or non-image file."""
+    """(1, 3, H, W) in [0, 1] (`flatten_rgb`: transparency on white, 16-bit scaled); one clear error
+    for a missing or non-image file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"image file not found: {p}")
     try:
         with Image.open(p) as im:
-            arr = np.array(im.convert("RGB"), dtype="uint8")
+            arr = np.array(flatten_rgb(im), dtype="uint8")
     except (UnidentifiedImageError, OSError):
         raise UserError(f"not an image file: {p}") from None
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
