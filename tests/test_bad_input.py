@@ -256,3 +256,45 @@ def test_bad_training_config_is_refused_in_one_line(case: str, work: Path, tiny_
 
 def test_the_suite_has_at_least_100_cases() -> None:
     assert len(PIPELINE_CASES) + len(ARG_CASES) + len(FIT_CASES) >= 100
+
+
+# -- failed or killed commands leave nothing behind -------------------------------------------------
+def test_failed_evaluate_removes_the_output_folder_it_created(work: Path, capsys, monkeypatch) -> None:
+    """A failure after the report folder was created (here: while scoring) removes that folder; a
+    folder that existed before is left alone."""
+    import modules.evaluation.evaluate as ev
+    from modules.core.errors import UserError
+
+    def boom(cfg, *args, **kwargs):
+        (Path(cfg.out) / "images").mkdir(parents=True)
+        (Path(cfg.out) / "images" / "sample_00000.png").write_bytes(b"partial")
+        raise UserError("scoring failed")
+
+    monkeypatch.setattr(ev, "evaluate", boom)
+    out = work / "report"
+    refused(["evaluate", "--pipeline", str(work / "pipe"), "--num-samples", "2", "--out", str(out)], capsys, "scoring failed", None)
+    assert not out.exists()
+    kept = work / "existing"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("keep")
+    refused(["evaluate", "--pipeline", str(work / "pipe"), "--num-samples", "2", "--out", str(kept)], capsys, "scoring failed", None)
+    assert (kept / "mine.txt").read_text() == "keep"
+
+
+def test_killed_pipeline_write_leaves_a_temp_folder_the_next_write_removes(work: Path) -> None:
+    """`kill -9` during `unclip pipeline` leaves `.pipe.<pid>.*`; the next save beside it removes
+    it when that process is gone, and never a live writer's."""
+    import subprocess
+    import sys
+
+    from modules.pipelines.unclip import UnCLIPPipeline
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = work / f".pipe2.{int(dead.stdout)}.abc123"
+    orphan.mkdir()
+    (orphan / "decoder.safetensors").write_bytes(b"half")
+    live = work / f".pipe2.{os.getpid()}.def456"
+    live.mkdir()
+    UnCLIPPipeline.load(work / "pipe").save(work / "pipe2")
+    assert not orphan.exists() and live.exists()
+    assert (work / "pipe2" / "pipeline.json").is_file()

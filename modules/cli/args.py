@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from modules.core.errors import UserError
 
@@ -69,3 +71,24 @@ def output_dir(path: str | Path, flag: str = "--out") -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable")
     return path
+
+
+@contextmanager
+def new_output(path: str | Path, keep_finished_files: bool = False) -> Iterator[Path]:
+    """A command's output folder that a failure does not leave behind.
+
+    If `path` did not exist when the command started and the command fails (any exception,
+    Ctrl-C included), the folder is removed -- with whatever the command wrote, or, with
+    `keep_finished_files` (resumable commands such as `embed`, whose finished shards are complete
+    files worth keeping), only when it is empty. A folder that existed before is never touched."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.is_dir():
+            if not keep_finished_files:
+                shutil.rmtree(path, ignore_errors=True)
+            elif not any(path.iterdir()):
+                path.rmdir()
+        raise

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from modules.cli.args import Parser, count, output_dir
+from modules.cli.args import Parser, count, new_output, output_dir
 from modules.core.errors import UserError
 
 
@@ -122,19 +122,20 @@ def main(argv: list[str]) -> int:
     weights = None if args.weights.lower() == "none" else args.weights
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"--weights {weights}: file not found")
-    stats = export_embeddings(
-        args.clip,
-        weights,
-        args.shards,
-        args.out,
-        fp16=args.fp16,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        image_size=args.image_size,
-        accelerator=args.accelerator,
-        precision=args.precision,
-        progress=not args.no_progress,
-    )
+    with new_output(args.out, keep_finished_files=True):
+        stats = export_embeddings(
+            args.clip,
+            weights,
+            args.shards,
+            args.out,
+            fp16=args.fp16,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            image_size=args.image_size,
+            accelerator=args.accelerator,
+            precision=args.precision,
+            progress=not args.no_progress,
+        )
     print(
         f"embed -> {args.out}: {stats['samples']} samples in {stats['shards_written']} shards "
         f"({stats['shards_skipped']} already complete), skipped {stats['skipped'] or 'none'}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modules.cli.args import Parser, count, output_dir, real
+from modules.cli.args import Parser, count, new_output, output_dir, real
 from modules.core.errors import UserError
 
 
@@ -41,7 +41,8 @@ def evaluate(argv: list[str]) -> int:
 
     args = vars(build_parser().parse_args(argv))
     args["out"] = str(args["out"])
-    report = run_evaluation(EvalConfig(**args))
+    with new_output(args["out"]):
+        report = run_evaluation(EvalConfig(**args))
     m = report["metrics"]
     summary = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if v is not None)
     print(f"unclip evaluate: {report['data']['num_generated']} samples; {summary}; report: {Path(args['out']) / 'report.html'}")
@@ -72,5 +73,6 @@ def evaluate_shapes(argv: list[str]) -> int:
     else:
         captions = evaluation_captions(num_single=a.num_prompts // 3, num_pairs=a.num_prompts // 3, seed=a.seed)
     pipe = load_pipeline(a.pipeline)
-    shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample)
+    with new_output(a.out):
+        shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample)
     return 0

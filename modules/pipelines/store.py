@@ -47,7 +47,8 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     with `os.replace`, so readers see the old or the new pipeline, never half of one."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    remove_orphaned_temps(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", dir=directory.parent))
     try:
         yield tmp
     except BaseException:
@@ -61,6 +62,25 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+
+
+def remove_orphaned_temps(directory: Path) -> None:
+    """Remove `.{name}.{pid}.*` temp folders beside `directory` whose writer process is gone (a
+    `kill -9` mid-write cannot clean up after itself); a live writer's folder is left alone."""
+    for tmp in directory.parent.glob(f".{directory.name}.*.*"):
+        pid = tmp.name[len(directory.name) + 2:].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_stage(module: nn.Module, directory: Path, name: str) -> dict[str, Any]:
