@@ -75,21 +75,28 @@ FIT = [
 
 
 # ------------------------------------------------------------------------------ building stages
-def build_stage(yaml: str, device: torch.device | str, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
-    """The YAML's LightningModule as `unclip fit` builds it (the project's LightningCLI parser and
-    jsonargparse), `overrides` applied to `model.init_args` first, created on `device` (meta: no memory)."""
-    from modules.cli.lightning import UnclipCLI
+def build_stage(yaml_path: str, device: torch.device | str, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The YAML's stage module from its `model:` section (an allow-listed stage class and its
+    `init_args`, which the stage's typed configs validate), `overrides` applied to `init_args`
+    first, created on `device` (meta: no memory)."""
+    import yaml
 
-    class ParseOnly(UnclipCLI):
-        def instantiate_classes(self) -> None:
-            pass
+    from modules.stages.registry import stage_class, stage_kind
 
-    cli = ParseOnly(args=["--config", str(ROOT / yaml)], run=False)
-    model_cfg = cli.config.model
+    model = yaml.safe_load((ROOT / yaml_path).read_text())["model"]
+    kind = stage_kind(model["class_path"])
+    if kind is None:
+        raise ValueError(f"{yaml_path}: model.class_path {model['class_path']!r} is not a stage")
+    init = dict(model.get("init_args") or {})
     for key, value in (overrides or {}).items():
-        model_cfg[f"init_args.{key}"] = value
+        node = init
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    cls = stage_class(kind, model["class_path"], yaml_path)
     with torch.device(device):
-        return cli.parser.instantiate_classes(cli.config)["model"]
+        return cls(**init)
 
 
 def network(module: torch.nn.Module) -> torch.nn.Module:
