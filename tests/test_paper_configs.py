@@ -122,7 +122,8 @@ def test_fsdp_with_ema_is_refused_with_one_line() -> None:
 TABLE3_VALUES = {
     "experiments/prior/paper.yaml": {
         "model.init_args.diffusion.timesteps": 1000, "model.init_args.diffusion.schedule": "COSINE",
-        "model.init_args.sampling.steps": 64, "model.init_args.prior.width": 2048, "model.init_args.prior.depth": 24,
+        "model.init_args.sampling.steps": 64, "model.init_args.sampling.sampler": "ANALYTIC",
+        "model.init_args.prior.width": 2048, "model.init_args.prior.depth": 24,
         "model.init_args.prior.heads": 32, "model.init_args.optimizer.lr": 1.1e-4, "model.init_args.optimizer.betas": [0.9, 0.96],
         "model.init_args.optimizer.eps": 1e-6, "model.init_args.optimizer.weight_decay": 6.0e-2,
         "model.init_args.embed_scale": 17.2, "model.init_args.clip_model": "ViT-H-16-256", "trainer.max_steps": 600_000,

@@ -14,8 +14,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from modules.core.errors import ConfigError
 from modules.core.hparams import check_range, coerce_fields
 
+from .analytic import analytic_ddpm_sample
 from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, VarianceType
 from .guidance import classifier_free_guidance, dynamic_threshold, static_clip
 from .samplers import Callback, ddim_sample, ddpm_sample
@@ -51,6 +53,7 @@ class DiffusionConfig:
 class Sampler(str, Enum):
     DDPM = "ddpm"
     DDIM = "ddim"
+    ANALYTIC = "analytic"  # ancestral, Analytic-DPM variance from Γ estimated on data (unCLIP's prior)
 
 
 class Clipping(str, Enum):
@@ -105,8 +108,10 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callback | None = None,
+    gamma: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
-    """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0."""
+    """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0 (`gamma`: Γ_n per
+    step, for the analytic sampler)."""
     respaced = diffusion.respaced(space_timesteps(diffusion.num_timesteps, cfg.steps))
     fn = guided_model(diffusion, model, cfg.guidance_scale, drop_keys)
     common: dict[str, Any] = dict(
@@ -114,7 +119,17 @@ def sample(
     )
     if cfg.sampler is Sampler.DDIM:
         return ddim_sample(respaced, fn, x_T, eta=cfg.eta, **common)
+    if cfg.sampler is Sampler.ANALYTIC:
+        if gamma is None or len(gamma) != respaced.num_timesteps:
+            raise ConfigError(f"sampling.sampler analytic: needs Γ estimated on data for its {cfg.steps} steps "
+                              "(the prior estimates it at validation; run a validation first)")
+        return analytic_ddpm_sample(respaced, fn, x_T, gamma, **common)
     return ddpm_sample(respaced, fn, x_T, **common)
+
+
+def sampling_process(diffusion: GaussianDiffusion, cfg: SamplingConfig) -> GaussianDiffusion:
+    """The respaced process `sample` runs for `cfg` (its steps are the ones Γ is estimated for)."""
+    return diffusion.respaced(space_timesteps(diffusion.num_timesteps, cfg.steps))
 
 
 def noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -29,7 +29,17 @@ from torch import Tensor
 from modules.core import optim
 from modules.stages.conditioning import ClipConditioner
 from modules.diffusion import Objective
-from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
+from modules.diffusion.analytic import estimate_gamma
+from modules.diffusion.config import (
+    Clipping,
+    DiffusionConfig,
+    Sampler,
+    SamplingConfig,
+    guided_model,
+    noise,
+    sample,
+    sampling_process,
+)
 from modules.stages.validation import log_fixed_timestep_losses
 from modules.core.hparams import as_config, init_args, to_plain
 from modules.stages.registry import class_path_of
@@ -107,6 +117,9 @@ class PriorModule(pl.LightningModule):
         }))
         self.net = PriorTransformer(prior_cfg)
         self.diffusion = self.diffusion_cfg.build()
+        if self.sampling.sampler is Sampler.ANALYTIC:  # Γ_n per sampling step, estimated at validation
+            self.register_buffer("analytic_gamma", torch.zeros(self.sampling.steps, dtype=torch.float64))
+            self._gamma_batches = 0
         self.mean_embed = RunningMean(prior_cfg.embed_dim)  # for the mean-embedding baseline
         self.scale = embed_scale if embed_scale is not None else math.sqrt(prior_cfg.embed_dim)
 
@@ -140,9 +153,23 @@ class PriorModule(pl.LightningModule):
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
         kwargs = self.model_kwargs(cond, drop_prob=0.0)
         log_fixed_timestep_losses(self, self.diffusion, self.net, x0, kwargs, self.hparams.val_timesteps, gen)
+        if self.sampling.sampler is Sampler.ANALYTIC:
+            self.update_analytic_gamma(x0, kwargs, batch_idx, gen)
         pred = self.generate(cond, generator=gen)
         scores = compare_to_baselines(pred, cond["image_embed"], cond["text_embed"], self.mean_embed.value())
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, batch_size=size)
+
+    def update_analytic_gamma(self, x0: Tensor, kwargs: dict[str, Tensor], batch_idx: int, gen: torch.Generator) -> None:
+        """Γ_n = E ||ε̂(x_n, n)||² / d on validation data (Analytic-DPM eq. 9), a running mean over
+        this validation's batches, for the sampling steps; the sampler's variance follows from it."""
+        if batch_idx == 0:
+            self._gamma_batches = 0
+        process = sampling_process(self.diffusion, self.sampling)
+        fn = guided_model(process, self.net, self.sampling.guidance_scale, DROP_KEYS)
+        gamma = torch.from_numpy(estimate_gamma(process, fn, [x0], model_kwargs_of=lambda i: kwargs, generator=gen))
+        n = self._gamma_batches
+        self.analytic_gamma.copy_((self.analytic_gamma * n + gamma.to(self.analytic_gamma)) / (n + 1) if n else gamma)
+        self._gamma_batches = n + 1
 
     def configure_optimizers(self) -> dict[str, Any]:
         return optim.configure(self.net, self.optim_cfg)
@@ -177,7 +204,11 @@ class PriorModule(pl.LightningModule):
         kwargs["drop_text"] = torch.zeros(batch * n, dtype=torch.bool, device=self.device)
         x_T = noise((batch * n, dim), generator, self.device)
         self.net.clear_caption_cache()  # reused across this call's steps only
-        x0 = sample(self.diffusion, self.net, x_T, cfg, model_kwargs=kwargs, drop_keys=DROP_KEYS, generator=generator)
+        gamma = getattr(self, "analytic_gamma", None) if cfg.sampler is Sampler.ANALYTIC else None
+        if gamma is not None and (len(gamma) != cfg.steps or not bool(gamma.any())):
+            gamma = None  # not estimated (yet), or for other steps: `sample` says so in one line
+        x0 = sample(self.diffusion, self.net, x_T, cfg, model_kwargs=kwargs, drop_keys=DROP_KEYS, generator=generator,
+                    gamma=None if gamma is None else gamma.cpu().numpy())
         candidates = self.from_x0(x0.float()).view(batch, n, dim)
         return select_best(candidates, text["text_embed"])
 
