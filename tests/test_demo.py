@@ -62,8 +62,11 @@ def test_every_stage_is_budgeted_in_steps_not_wall_time() -> None:
 def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
     """Equal step budgets (issue 11): the Imagen base = the unCLIP decoder (same U-Net, batch and
     shards, so equal compute per step), its upsampler = the unCLIP upsampler."""
-    steps = {k: parse(b, o).config.trainer.max_steps for k, (b, o, _) in {**STAGES, **IMAGEN}.items()}
-    assert steps["imagen_base"] == steps["decoder"] and steps["imagen_superres"] == steps["superres"]
+    configs = {k: parse(b, o).config for k, (b, o, _) in {**STAGES, **IMAGEN}.items()}
+    for imagen, unclip in (("imagen_base", "decoder"), ("imagen_superres", "superres")):
+        ours, theirs = configs[imagen], configs[unclip]
+        assert ours.trainer.max_steps == theirs.trainer.max_steps and ours.trainer.precision == theirs.trainer.precision
+        assert ours.model.init_args.optimizer.decay_steps == theirs.model.init_args.optimizer.decay_steps
 
 
 def test_run_defaults_land_under_the_run_root(tmp_path: Path) -> None:
