@@ -168,3 +168,22 @@ def test_batch_size_and_memory_stats():
     assert batch_size([torch.zeros(2), torch.zeros(3)]) == 2 and batch_size(torch.zeros(7, 1)) == 7
     stats = memory_stats(torch.device("cpu"))
     assert 0 < stats["cpu_rss_mb"] <= stats["cpu_peak_rss_mb"] * 1.01 and not any(k.startswith("gpu") for k in stats)
+
+
+def test_step_budget_progress_bar_titles_the_step_not_epoch_minus_two():
+    """A step-budgeted run (max_epochs -1) is titled with its step budget; Lightning's default
+    RichProgressBar wrote "Epoch 1/-2". An epoch-budgeted run keeps Lightning's title."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from callbacks.progress import StepBudgetProgressBar
+
+    bar, plain = StepBudgetProgressBar(), RichProgressBar()
+    steps = SimpleNamespace(max_epochs=-1, max_steps=600, global_step=512)
+    bar._trainer = plain._trainer = steps
+    assert plain._get_train_description(1).startswith("Epoch 1/-2")
+    assert bar._get_train_description(1).strip() == "Epoch 1 · step 512/600"
+    epochs = SimpleNamespace(max_epochs=3, max_steps=-1, global_step=0)
+    bar._trainer = plain._trainer = epochs
+    assert bar._get_train_description(1) == plain._get_train_description(1)

@@ -216,7 +216,10 @@ def add_run_defaults(trainer: pl.Trainer, logger_configured: bool, checkpoint_co
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import WandbLogger
 
+    from lightning.pytorch.callbacks import RichProgressBar
+
     from callbacks.final_checkpoint import SaveOnTrainEnd
+    from callbacks.progress import StepBudgetProgressBar
 
     root = trainer.default_root_dir
     if not logger_configured:
@@ -233,6 +236,9 @@ def add_run_defaults(trainer: pl.Trainer, logger_configured: bool, checkpoint_co
         callbacks.append(SaveOnTrainEnd(checkpoint.dirpath))
     if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
         callbacks.insert(0, LearningRateMonitor(logging_interval="step"))
+    for i, cb in enumerate(callbacks):  # Lightning's default bar titles a step budget "Epoch 1/-2"
+        if type(cb) is RichProgressBar:
+            callbacks[i] = StepBudgetProgressBar()
 
 
 def add_reliability(trainer: pl.Trainer) -> None:
