@@ -217,20 +217,14 @@ def test_no_prior_feeds_z_t_and_changes_the_images(prior_pipe: Path, tmp_path: P
     assert np.array_equal(_stack(no_prior), _stack(ignored))
 
 
-def test_decoder_guidance_flag_is_applied(prior_pipe: Path, tmp_path: Path):
+@pytest.mark.parametrize("flag, own, other", [("--decoder-guidance", "2.0", "1.0"), ("--prior-guidance", "1.0", "4.0")])
+def test_guidance_flag_is_applied(prior_pipe: Path, tmp_path: Path, flag: str, own: str, other: str):
+    """At the stage's own scale (decoder 2.0, prior 1.0) the flag changes nothing; at another it does."""
     default = _stack(_generate(prior_pipe, tmp_path / "default", prompts=PROMPTS[:1]))
-    same = _stack(_generate(prior_pipe, tmp_path / "same", "--decoder-guidance", "2.0", prompts=PROMPTS[:1]))
-    other = _stack(_generate(prior_pipe, tmp_path / "other", "--decoder-guidance", "1.0", prompts=PROMPTS[:1]))
-    assert np.array_equal(default, same)  # the decoder's own scale (2.0) is the default
-    assert not np.array_equal(default, other)
-
-
-def test_prior_guidance_flag_is_applied(prior_pipe: Path, tmp_path: Path):
-    default = _stack(_generate(prior_pipe, tmp_path / "default", prompts=PROMPTS[:1]))
-    same = _stack(_generate(prior_pipe, tmp_path / "same", "--prior-guidance", "1.0", prompts=PROMPTS[:1]))
-    other = _stack(_generate(prior_pipe, tmp_path / "other", "--prior-guidance", "4.0", prompts=PROMPTS[:1]))
-    assert np.array_equal(default, same)  # the prior's own scale (1.0) is the default
-    assert not np.array_equal(default, other)
+    same = _stack(_generate(prior_pipe, tmp_path / "same", flag, own, prompts=PROMPTS[:1]))
+    changed = _stack(_generate(prior_pipe, tmp_path / "other", flag, other, prompts=PROMPTS[:1]))
+    assert np.array_equal(default, same)
+    assert not np.array_equal(default, changed)
 
 
 def test_prior_guidance_flag_with_ar_prior(ar_pipe: Path, tmp_path: Path):

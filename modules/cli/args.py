@@ -25,36 +25,30 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def count(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high]."""
+def _ranged(convert: Callable[[str], float], kind: str, low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: `convert(text)`, finite and in [low, high]."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def real(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a finite number in [low, high]."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
         if not math.isfinite(value) or not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
         return value
 
-    parse.__name__ = "number"
+    parse.__name__ = kind.split()[-1]
     return parse
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    return _ranged(int, "an integer", low, high)  # type: ignore[return-value]
+
+
+def real(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high]."""
+    return _ranged(float, "a number", low, high)
 
 
 def output_dir(path: str | Path, flag: str = "--out") -> Path:
