@@ -39,7 +39,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules import steps
+from datamodules import shards, steps
 from datamodules.image_text import EpochLoader, ImageTextDataModule, LoaderConfig, tokenizer_by_name
 from datamodules.steps import Sample
 from modules.core.errors import DataError
@@ -178,7 +178,7 @@ class ExportBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         tokenize = tokenizer_by_name(self.tokenizer)
-        for url in steps.split_by_worker(self.urls):
+        for url in shards.split_by_worker(self.urls):
             counter, name, count = steps.SkipCounter(), Path(url).name, 0
 
             def collate(samples: list[Sample]) -> Sample:
@@ -186,7 +186,7 @@ class ExportBatches(IterableDataset):
                 return {**batch, "tokens": tokenize(batch["caption"]), "shard": name}
 
             pipe = wds.DataPipeline(
-                steps.ShardList([url], shuffle=False),
+                shards.ShardList([url], shuffle=False),
                 steps.TarToSamples(counter),
                 steps.DecodeSamples(counter),
                 steps.ImageTransform(self.image_size),
@@ -254,10 +254,10 @@ class EmbeddingDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
-        self.train_urls = steps.expand_shards(self.hparams.train_shards)
+        self.train_urls = shards.expand_shards(self.hparams.train_shards)
         if stage in (None, "fit") and not self.hparams.resampled:
-            steps.check_even_split(self.train_urls, self.world_size)
-        self.val_urls = steps.expand_shards(self.hparams.val_shards) if self.hparams.val_shards else []
+            shards.check_even_split(self.train_urls, self.world_size)
+        self.val_urls = shards.expand_shards(self.hparams.val_shards) if self.hparams.val_shards else []
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)
@@ -265,13 +265,13 @@ class EmbeddingDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_urls, train=False) if self.val_urls else []
 
-    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, steps.ShardList | None]:
+    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, shards.ShardList | None]:
         hp, counter, shard_list = self.hparams, steps.SkipCounter(), None
         if train and hp.resampled:
-            head = [steps.ResampledShards(urls, seed=hp.seed + self.rank), steps.split_by_worker]
+            head = [shards.ResampledShards(urls, seed=hp.seed + self.rank), shards.split_by_worker]
         else:
-            shard_list = steps.ShardList(urls, seed=hp.seed, shuffle=train)
-            head = [shard_list] + ([steps.SplitByNode(self.rank, self.world_size), steps.split_by_worker] if train else [])
+            shard_list = shards.ShardList(urls, seed=hp.seed, shuffle=train)
+            head = [shard_list] + ([shards.SplitByNode(self.rank, self.world_size), shards.split_by_worker] if train else [])
         body = [steps.TarToSamples(counter), DecodeEmbeddings(counter)]
         if train:
             body.append(steps.SampleShuffle(hp.shuffle_buffer, hp.seed, self.rank))

@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from datamodules import steps
+from datamodules import shards, steps
 from datamodules.negatives import AddNegatives, CaptionNegatives
 from datamodules.steps import Sample
 
@@ -108,7 +108,7 @@ class EpochLoader(DataLoader):
     world size and num_workers are those of the interrupted run.
     """
 
-    def __init__(self, dataset: Any, shard_list: steps.ShardList | None = None, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, shard_list: shards.ShardList | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         found = epoch_steps(dataset)
         self._epoch_steps = found + ([shard_list] if shard_list is not None and shard_list not in found else [])
@@ -235,11 +235,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         # Fail early, in the main process, with one line naming the pattern.
-        self.train_urls = steps.expand_shards(self.hparams.train_shards, allow_pipe=self.hparams.allow_pipe)
+        self.train_urls = shards.expand_shards(self.hparams.train_shards, allow_pipe=self.hparams.allow_pipe)
         if stage in (None, "fit") and not self.hparams.resampled:
-            steps.check_even_split(self.train_urls, self.world_size)
+            shards.check_even_split(self.train_urls, self.world_size)
         val = self.hparams.val_shards
-        self.val_urls = steps.expand_shards(val, allow_pipe=self.hparams.allow_pipe) if val else []
+        self.val_urls = shards.expand_shards(val, allow_pipe=self.hparams.allow_pipe) if val else []
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)
@@ -260,15 +260,15 @@ class ImageTextDataModule(pl.LightningDataModule):
         """The batch collate (picklable): see `CaptionBatch`."""
         return CaptionBatch(counter, self.hparams.tokenizer, self._tokenizer)
 
-    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, steps.ShardList | None]:
+    def pipeline(self, urls: list[str], *, train: bool) -> tuple[wds.DataPipeline, shards.ShardList | None]:
         hp, counter = self.hparams, steps.SkipCounter()
         rules = steps.CaptionRules(max_bytes=hp.max_caption_bytes)
         shard_list = None
         if train and hp.resampled:
-            head = [steps.ResampledShards(urls, seed=hp.seed + self.rank), steps.split_by_worker]
+            head = [shards.ResampledShards(urls, seed=hp.seed + self.rank), shards.split_by_worker]
         else:
-            shard_list = steps.ShardList(urls, seed=hp.seed, shuffle=train)
-            head = [shard_list] + ([steps.SplitByNode(self.rank, self.world_size), steps.split_by_worker] if train else [])
+            shard_list = shards.ShardList(urls, seed=hp.seed, shuffle=train)
+            head = [shard_list] + ([shards.SplitByNode(self.rank, self.world_size), shards.split_by_worker] if train else [])
         body = [
             steps.TarToSamples(counter),
             steps.DecodeSamples(counter, rules, extra=self.extra_fields()),

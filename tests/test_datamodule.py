@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import steps
+from datamodules import shards, steps
 from datamodules.image_text import ImageTextDataModule, LoaderConfig
 from tests.conftest import png_bytes, sample_members, write_tar
 
@@ -130,10 +130,10 @@ def test_unknown_start_method_is_one_clear_error():
 
 def test_shard_order_deterministic_in_seed_and_epoch():
     urls = [f"u{i}" for i in range(10)]
-    a = steps.ShardList(urls, seed=1)
+    a = shards.ShardList(urls, seed=1)
     first = [d["url"] for d in a]
     second = [d["url"] for d in a]  # epoch advanced
-    b = steps.ShardList(urls, seed=1)
+    b = shards.ShardList(urls, seed=1)
     assert [d["url"] for d in b] == first
     assert first != second and sorted(first) == sorted(urls)
 
@@ -147,7 +147,7 @@ def test_resampled_mode_yields_fixed_epoch_length(tiny_shards):
 
 def test_pattern_matching_nothing_is_one_clear_error(tmp_path: Path):
     pattern = str(tmp_path / "nothing-{000000..000003}.tar")
-    with pytest.raises(steps.ShardPatternError, match="nothing-"):
+    with pytest.raises(shards.ShardPatternError, match="nothing-"):
         _dm(pattern)
-    with pytest.raises(steps.ShardPatternError, match="pipe:"):
-        steps.expand_shards("pipe:curl http://example/x.tar")
+    with pytest.raises(shards.ShardPatternError, match="pipe:"):
+        shards.expand_shards("pipe:curl http://example/x.tar")

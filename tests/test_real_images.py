@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import steps
+from datamodules import shards, steps
 from datamodules.image_text import ImageTextDataModule, LoaderConfig
 from modules.core.images import load_image
 from modules.networks.clip import FrozenCLIP
@@ -311,7 +311,7 @@ def test_layout_is_img2datasets_and_only_tars_are_read(img2dataset_dir, read_bac
     assert members[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
     meta = json.loads(tarfile.open(folder / "00000.tar").extractfile("000000000.json").read())
     assert meta["key"] == "000000000" and meta["status"] == "success" and (meta["width"], meta["height"]) == (24, 40)
-    assert steps.expand_shards(str(folder / "*.tar")) == [str(folder / "00000.tar"), str(folder / "00001.tar")]
+    assert shards.expand_shards(str(folder / "*.tar")) == [str(folder / "00000.tar"), str(folder / "00001.tar")]
     out, skipped = read_back
     assert sorted(out) == sorted([*by_key, *caption_keys.values()]) and skipped == {}
 

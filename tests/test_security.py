@@ -13,7 +13,7 @@ import torch
 from callbacks.checkpointing import AtomicCheckpointIO
 from modules.core.errors import UnsafeCheckpointError, UserError
 from modules.core.safe_load import safe_torch_load
-from datamodules.steps import ShardPatternError, expand_shards
+from datamodules.shards import ShardPatternError, expand_shards
 from datamodules.image_text import LoaderConfig
 from modules.cli import main as cli
 from tests.ddp_probe import write_image_shards

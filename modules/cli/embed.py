@@ -48,11 +48,12 @@ def export_embeddings(
     from torch.utils.data import DataLoader
 
     from callbacks.embedding_writer import EmbeddingWriter
-    from datamodules import embeddings, steps
+    from datamodules import embeddings
+    from datamodules.shards import expand_shards, rank_and_world
     from modules.stages.clip import CLIPEmbedder
 
-    rank, world = steps.rank_and_world()  # one process per rank (torchrun): shards dealt by rank
-    urls = steps.expand_shards(shards)[rank::world]
+    rank, world = rank_and_world()  # one process per rank (torchrun): shards dealt by rank
+    urls = expand_shards(shards)[rank::world]
     names = [Path(u).name for u in urls]
     if len(set(names)) != len(names):
         raise UserError("source shards must have distinct file names (outputs are named like them)")

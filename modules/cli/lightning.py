@@ -180,7 +180,7 @@ def named_paths(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
 
 def check_named_files(config: dict[str, Any]) -> None:
     """Raise `ConfigError` naming the first key whose file (or shard pattern) does not exist."""
-    from datamodules.steps import ShardPatternError, expand_shards
+    from datamodules.shards import ShardPatternError, expand_shards
 
     data = (config.get("data") or {}).get("init_args") or {}
     for key, value in data.items():

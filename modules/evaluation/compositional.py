@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from datamodules.steps import expand_shards
+from datamodules.shards import expand_shards
 from modules.pipelines.unclip import GenerateConfig, PriorMode, UnCLIPPipeline
 from modules.evaluation.shapes_evaluator import accuracy_table, evaluate_image
 
