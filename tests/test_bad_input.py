@@ -298,3 +298,15 @@ def test_killed_pipeline_write_leaves_a_temp_folder_the_next_write_removes(work:
     UnCLIPPipeline.load(work / "pipe").save(work / "pipe2")
     assert not orphan.exists() and live.exists()
     assert (work / "pipe2" / "pipeline.json").is_file()
+
+
+def test_unclip_fit_does_not_warn_about_its_own_args(monkeypatch, capsys, recwarn) -> None:
+    """`unclip fit ...` passes its argv to LightningCLI while sys.argv holds the same words; Lightning's
+    "args parameter ... not recommended" warning was printed on every run."""
+    import sys
+
+    argv = ["fit", "--config", str(ROOT / "experiments/decoder/tiny.yaml"), "--model.warp_factor=9"]
+    monkeypatch.setattr(sys, "argv", ["unclip", *argv])
+    assert main(argv) == 2
+    assert "warp_factor" in capsys.readouterr().err
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]

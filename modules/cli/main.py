@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from typing import Callable
 
 from modules.cli import bench, data, demo, embed, evaluate, pipeline
@@ -28,6 +29,9 @@ def lightning(argv: list[str]) -> int:
     from modules.cli.lightning import UnclipCLI, check_config_files, parse_error
 
     check_config_files(argv)
+    # `unclip` hands LightningCLI its own argv (the console script's sys.argv[1:], or a caller's list);
+    # Lightning warns whenever both are set, which here is every run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         UnclipCLI(args=argv, parser_kwargs={"exit_on_error": False})
     except argparse.ArgumentError as exc:
