@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.core.hparams import TRANSFORMER_RANGES, check_ranges
 from modules.networks.linear import Linear
 from modules.networks.prior_transformer import CaptionPrefix, TransformerStack
 
@@ -46,6 +47,7 @@ class ARPriorConfig:
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges("prior", self, {**TRANSFORMER_RANGES, "num_buckets": (2, 65536), "similarity_buckets": (1, 65536)})
         if not 1 <= self.num_components <= self.embed_dim:
             raise ValueError(f"num_components must be in [1, {self.embed_dim}], got {self.num_components}")
 

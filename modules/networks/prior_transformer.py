@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modules.core.hparams import TRANSFORMER_RANGES, check_ranges
 from modules.networks.attention import attention
 from modules.networks.linear import Linear, linear
 from modules.networks.unet_blocks import timestep_embedding
@@ -58,6 +59,7 @@ class PriorConfig:
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges("prior", self, TRANSFORMER_RANGES)
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
