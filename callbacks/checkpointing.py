@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -101,30 +100,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # ---------------------------------------------------------------------------------------------
 # RNG streams
 # ---------------------------------------------------------------------------------------------
-def capture_rng() -> dict[str, Any]:
-    """Every generator this process draws from, as plain types / tensors (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def batch_seed(seed: int, rank: int, batch: int) -> int:
     """The seed of training batch `batch` (counted over the whole run) on data-parallel `rank`."""
     digest = hashlib.blake2b(f"unclip/{seed}/{rank}/{batch}".encode(), digest_size=8).digest()

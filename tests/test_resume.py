@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.checkpointing import AtomicCheckpointIO, atomic_torch_save, capture_rng, restore_rng
+from callbacks.checkpointing import AtomicCheckpointIO
 from datamodules.embeddings import EmbeddingDataModule
 from datamodules.image_text import LoaderConfig
 from datamodules.image_text import FETCH_AHEAD
@@ -116,21 +116,6 @@ def test_lightning_default_writer_stages_outside_the_checkpoint_folder(tmp_path:
     staged.clear()
     AtomicCheckpointIO().save_checkpoint({"a": 1}, target)
     assert staged and all(Path(p).parent == target.parent for p in staged)
-
-
-def test_rng_capture_restore_round_trip():
-    import random
-
-    import numpy as np
-
-    state = capture_rng()
-    draws = (random.random(), float(np.random.rand()), float(torch.rand(())))
-    restore_rng(state)
-    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == draws
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rng-{os.getpid()}.pt"
-    atomic_torch_save(state, path)
-    assert torch.load(path, weights_only=True)["python"][0] == state["python"][0]  # weights_only-loadable
-    path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
