@@ -213,10 +213,8 @@ def add_run_defaults(trainer: pl.Trainer, logger_configured: bool, checkpoint_co
     no logger; `ModelCheckpoint` (`last.ckpt` in `<default_root_dir>/checkpoints`, every
     `val_check_interval` steps) and `SaveOnTrainEnd` (the final step is always saved) unless the
     config has a checkpoint callback; a `LearningRateMonitor` when something logs."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import WandbLogger
-
-    from lightning.pytorch.callbacks import RichProgressBar
 
     from callbacks.final_checkpoint import SaveOnTrainEnd
     from callbacks.progress import StepBudgetProgressBar

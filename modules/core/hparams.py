@@ -66,13 +66,6 @@ def check_ranges(owner: str, obj: Any, ranges: dict[str, tuple[float, float]]) -
             check_range(owner, name, value, low, high)
 
 
-# Sizes of the priors' transformers (PriorConfig, ARPriorConfig), bounded where they enter.
-TRANSFORMER_RANGES: dict[str, tuple[float, float]] = {
-    "embed_dim": (1, 65536), "text_width": (1, 65536), "width": (1, 65536), "depth": (1, 512), "heads": (1, 1024),
-    "mlp_ratio": (0.01, 64.0), "dropout": (0.0, 1.0), "max_text_len": (1, 4096),
-}
-
-
 def as_config(cls: type[T], value: T | dict | None) -> T:
     """A config dataclass from an instance, a plain dict (e.g. from a checkpoint) or None."""
     if value is None:

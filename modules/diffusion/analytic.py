@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .gaussian import ClipFn, GaussianDiffusion, ModelFn
-from .samplers import Callback, _noise_like, _predict, _steps
+from .gaussian import GaussianDiffusion, ModelFn
+from .samplers import _noise_like, ddpm_sample
 
 
 def analytic_variance(diffusion: GaussianDiffusion, gamma: np.ndarray | Tensor) -> np.ndarray:
     """σ*_n² for every step n of `diffusion` (respaced or not) given Γ_n (same length), float64."""
-    gamma = np.asarray(torch.as_tensor(gamma, dtype=torch.float64).cpu().numpy(), dtype=np.float64)
+    gamma = gamma.detach().double().cpu().numpy() if isinstance(gamma, Tensor) else np.asarray(gamma, dtype=np.float64)
     if gamma.shape != (diffusion.num_timesteps,):
         raise ValueError(f"gamma: expected {diffusion.num_timesteps} values (one per step), got shape {gamma.shape}")
     abar, abar_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
@@ -67,20 +67,8 @@ def estimate_gamma(
     return totals / count
 
 
-@torch.no_grad()
-def analytic_ddpm_sample(
-    diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: Tensor, gamma: np.ndarray | Tensor, *,
-    model_kwargs: dict[str, Any] | None = None, clip: ClipFn | None = None,
-    generator: torch.Generator | None = None, progress: bool = True, callback: Callback | None = None,
-) -> Tensor:
-    """Ancestral sampling with DDPM's posterior mean and the Analytic-DPM variance σ*_n²."""
-    log_var = np.log(np.maximum(analytic_variance(diffusion, gamma), 1e-20))
-    x = x_T
-    for i, step in enumerate(_steps(diffusion.num_timesteps, reverse=True, progress=progress)):
-        t, out = _predict(diffusion, model_fn, x, step, model_kwargs, clip)
-        x = out["mean"]
-        if step > 0:
-            x = x + torch.exp(0.5 * diffusion._extract(log_var, t, x)) * _noise_like(x, generator)
-        if callback is not None:
-            callback({"i": i, "t": diffusion.model_timesteps(t), "x": x, "pred_x0": out["pred_x0"]})
-    return x
+def analytic_ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: Tensor, gamma: np.ndarray | Tensor,
+                         **kwargs: Any) -> Tensor:
+    """`ddpm_sample` (DDPM's posterior mean) with the Analytic-DPM variance σ*_n² from Γ."""
+    log_variance = np.log(np.maximum(analytic_variance(diffusion, gamma), 1e-20))
+    return ddpm_sample(diffusion, model_fn, x_T, log_variance=log_variance, **kwargs)

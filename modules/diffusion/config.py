@@ -112,7 +112,7 @@ def sample(
 ) -> Tensor:
     """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0 (`gamma`: Γ_n per
     step, for the analytic sampler)."""
-    respaced = diffusion.respaced(space_timesteps(diffusion.num_timesteps, cfg.steps))
+    respaced = sampling_process(diffusion, cfg)
     fn = guided_model(diffusion, model, cfg.guidance_scale, drop_keys)
     common: dict[str, Any] = dict(
         model_kwargs=model_kwargs, clip=cfg.clip_fn(), generator=generator, progress=progress, callback=callback

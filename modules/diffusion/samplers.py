@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -54,14 +55,17 @@ def ddpm_sample(
     diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: Tensor, *,
     model_kwargs: dict[str, Any] | None = None, clip: ClipFn | None = None,
     generator: torch.Generator | None = None, progress: bool = True, callback: Callback | None = None,
+    log_variance: np.ndarray | None = None,
 ) -> Tensor:
-    """Ancestral sampling from x_T ~ N(0, I) down to x_0 (DDPM Algorithm 2)."""
+    """Ancestral sampling from x_T ~ N(0, I) down to x_0 (DDPM Algorithm 2). `log_variance`
+    (one log σ² per step of `diffusion`) replaces the process's variance, e.g. Analytic-DPM's."""
     x = x_T
     for i, step in enumerate(_steps(diffusion.num_timesteps, reverse=True, progress=progress)):
         t, out = _predict(diffusion, model_fn, x, step, model_kwargs, clip)
         x = out["mean"]
         if step > 0:  # no noise on the final step
-            x = x + torch.exp(0.5 * out["log_variance"]) * _noise_like(x, generator)
+            log_var = out["log_variance"] if log_variance is None else diffusion._extract(log_variance, t, x)
+            x = x + torch.exp(0.5 * log_var) * _noise_like(x, generator)
         if callback is not None:
             callback({"i": i, "t": diffusion.model_timesteps(t), "x": x, "pred_x0": out["pred_x0"]})
     return x

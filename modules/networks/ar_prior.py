@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.core.hparams import TRANSFORMER_RANGES, check_ranges
+from modules.core.hparams import check_ranges
 from modules.networks.linear import Linear
-from modules.networks.prior_transformer import CaptionPrefix, TransformerStack
+from modules.networks.prior_transformer import TRANSFORMER_RANGES, CaptionPrefix, TransformerStack
 
 
 @dataclass

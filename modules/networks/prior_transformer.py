@@ -34,10 +34,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from modules.core.hparams import TRANSFORMER_RANGES, check_ranges
+from modules.core.hparams import check_ranges
 from modules.networks.attention import attention
 from modules.networks.linear import Linear, linear
 from modules.networks.unet_blocks import timestep_embedding
+
+
+# Sizes of the priors' transformers (PriorConfig, ARPriorConfig), bounded where they enter.
+TRANSFORMER_RANGES: dict[str, tuple[float, float]] = {
+    "embed_dim": (1, 65536), "text_width": (1, 65536), "width": (1, 65536), "depth": (1, 512), "heads": (1, 1024),
+    "mlp_ratio": (0.01, 64.0), "dropout": (0.0, 1.0), "max_text_len": (1, 4096),
+}
 
 
 @dataclass

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from modules.core.images import to_unit
 from modules.diffusion.config import SamplingConfig
 from modules.core.errors import PipelineError
-from modules.pipelines.store import atomic_directory, load_stage, load_stage_checkpoint, read_spec, save_stage
+from modules.pipelines.store import (
+    atomic_directory,
+    load_stage,
+    load_stage_checkpoint,
+    read_spec,
+    save_stage,
+    upsampler_entries,
+)
 from modules.stages.registry import STAGE_CLASSES, StageKind
 
 FORMAT, VERSION = "imagen-pipeline", 1
@@ -85,7 +92,7 @@ class ImagenPipeline(nn.Module):
         directory = Path(directory)
         spec, spec_path = read_spec(directory, FORMAT, VERSION, required=("base",))
         base = load_stage(StageKind.DECODER, spec["base"], directory, spec_path)
-        ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in spec.get("upsamplers", [])]
+        ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in upsampler_entries(spec, spec_path)]
         return cls(base, ups).to(device)
 
     # -- generation ------------------------------------------------------------------------------

@@ -131,16 +131,16 @@ def load_stage(kind: StageKind | str, entry: Any, directory: Path, spec_path: Pa
     except UserError as exc:
         raise PipelineError(f"{where}.hparams: {exc}") from None
     except (TypeError, ValueError, KeyError) as exc:
-        raise PipelineError(f"{where}.hparams: {_first_line(exc)}") from None
+        raise PipelineError(f"{where}.hparams: {first_line(exc)}") from None
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise PipelineError(f"{where}.weights: {entry['weights']!r} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise PipelineError(f"{where}.weights: {entry['weights']!r} is not a readable safetensors file ({first_line(exc)})") from None
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise PipelineError(f"{where}.weights: {entry['weights']!r} does not fit {entry['class_path']} "
-                            f"with these hparams ({_first_line(exc, skip_header=True)})") from None
+                            f"with these hparams ({first_line(exc, skip_header=True)})") from None
     return module
 
 
@@ -156,7 +156,15 @@ def contained_file(directory: Path, name: str, where: str) -> Path:
     return path
 
 
-def _first_line(exc: BaseException, skip_header: bool = False) -> str:
+def upsampler_entries(spec: dict[str, Any], spec_path: Path) -> list[Any]:
+    """The `upsamplers` list of a pipeline.json (empty when absent)."""
+    entries = spec.get("upsamplers", [])
+    if not isinstance(entries, list):
+        raise PipelineError(f"{spec_path}: upsamplers: expected a list, got {type(entries).__name__}")
+    return entries
+
+
+def first_line(exc: BaseException, skip_header: bool = False) -> str:
     """A one-line reason: torch's multi-line load_state_dict errors give their first detail line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if skip_header and len(lines) > 1:

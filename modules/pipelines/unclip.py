@@ -25,11 +25,13 @@ from modules.networks.clip import FrozenCLIP, read_state_dict
 from modules.pipelines.store import (
     atomic_directory,
     contained_file,
+    first_line,
     load_stage,
     load_stage_checkpoint,
     read_spec,
     save_stage,
     save_weights,
+    upsampler_entries,
 )
 from modules.stages.conditioning import clip_dims, trim_tokens
 from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
@@ -72,15 +74,8 @@ def load_clip_entry(entry: Any, directory: Path, spec_path: Path) -> FrozenCLIP:
         clip.model.load_state_dict(read_state_dict(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise PipelineError(f"{spec_path}: clip.weights: {entry['weights']!r} does not hold {entry['model_name']} weights "
-                            f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from None
+                            f"({first_line(exc)})") from None
     return clip
-
-
-def upsampler_entries(spec: dict[str, Any], spec_path: Path) -> list[Any]:
-    entries = spec.get("upsamplers", [])
-    if not isinstance(entries, list):
-        raise PipelineError(f"{spec_path}: upsamplers: expected a list, got {type(entries).__name__}")
-    return entries
 
 
 def check_same_clip(clip_model: str, stages: dict[str, Any]) -> None:

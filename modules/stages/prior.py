@@ -119,7 +119,6 @@ class PriorModule(pl.LightningModule):
         self.diffusion = self.diffusion_cfg.build()
         if self.sampling.sampler is Sampler.ANALYTIC:  # Γ_n per sampling step, estimated at validation
             self.register_buffer("analytic_gamma", torch.zeros(self.sampling.steps, dtype=torch.float64))
-            self._gamma_batches = 0
         self.mean_embed = RunningMean(prior_cfg.embed_dim)  # for the mean-embedding baseline
         self.scale = embed_scale if embed_scale is not None else math.sqrt(prior_cfg.embed_dim)
 
@@ -162,14 +161,11 @@ class PriorModule(pl.LightningModule):
     def update_analytic_gamma(self, x0: Tensor, kwargs: dict[str, Tensor], batch_idx: int, gen: torch.Generator) -> None:
         """Γ_n = E ||ε̂(x_n, n)||² / d on validation data (Analytic-DPM eq. 9), a running mean over
         this validation's batches, for the sampling steps; the sampler's variance follows from it."""
-        if batch_idx == 0:
-            self._gamma_batches = 0
         process = sampling_process(self.diffusion, self.sampling)
         fn = guided_model(process, self.net, self.sampling.guidance_scale, DROP_KEYS)
         gamma = torch.from_numpy(estimate_gamma(process, fn, [x0], model_kwargs_of=lambda i: kwargs, generator=gen))
-        n = self._gamma_batches
+        n = batch_idx  # batches of this validation already averaged in
         self.analytic_gamma.copy_((self.analytic_gamma * n + gamma.to(self.analytic_gamma)) / (n + 1) if n else gamma)
-        self._gamma_batches = n + 1
 
     def configure_optimizers(self) -> dict[str, Any]:
         return optim.configure(self.net, self.optim_cfg)
