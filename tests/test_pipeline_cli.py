@@ -302,3 +302,31 @@ def test_textdiff_row_images(prior_pipe: Path, pngs, tmp_path: Path):
     assert blue.shape == (3, 32, 32, 3)
     assert np.abs(blue[0] - square[0]).max() <= 1
     assert not np.array_equal(blue[-1], square[-1])
+
+
+def test_generate_keeps_the_decoders_dynamic_percentile(prior_pipe: Path, tmp_path: Path, monkeypatch):
+    """`generate` overrides only steps and guidance: the rest of the decoder's sampling config (here
+    Imagen-style dynamic thresholding at percentile 0.9) reaches the sampler unchanged."""
+    import dataclasses
+
+    from modules.pipelines.unclip import UnCLIPPipeline
+
+    seen = []
+    original = UnCLIPPipeline.generate
+
+    def spy(self, prompts, num_images=1, *, seed=0, config=None):
+        seen.append(config.decoder_sampling)
+        return original(self, prompts, num_images, seed=seed, config=config)
+
+    load = UnCLIPPipeline.load
+
+    def load_dynamic(directory, device="cpu"):
+        pipe = load(directory, device)
+        pipe.decoder.sampling = dataclasses.replace(pipe.decoder.sampling, clipping="DYNAMIC", dynamic_percentile=0.9)
+        return pipe
+
+    monkeypatch.setattr(UnCLIPPipeline, "generate", spy)
+    monkeypatch.setattr(UnCLIPPipeline, "load", staticmethod(load_dynamic))
+    _generate(prior_pipe, tmp_path / "dyn", prompts=PROMPTS[:1])
+    (sampling,) = seen
+    assert sampling.clipping.name == "DYNAMIC" and sampling.dynamic_percentile == 0.9 and sampling.steps == 2

@@ -82,12 +82,11 @@ def generate(argv: list[str]) -> int:
     a = p.parse_args(argv)
     prompts = _read_prompts(a)
     pipe = load_pipeline(a.pipeline)
-    dec = pipe.decoder.sampling
+    dec = pipe.decoder.sampling  # the decoder's own sampling, with the flags' overrides
+    guidance = a.decoder_guidance if a.decoder_guidance is not None else dec.guidance_scale
     cfg = GenerateConfig(
         prior_mode=PriorMode.TEXT if a.no_prior else PriorMode.PRIOR,
-        decoder_sampling=SamplingConfig(sampler=dec.sampler, steps=a.steps, eta=dec.eta,
-                                        guidance_scale=a.decoder_guidance if a.decoder_guidance is not None else dec.guidance_scale,
-                                        clipping=dec.clipping),
+        decoder_sampling=dataclasses.replace(dec, steps=a.steps, guidance_scale=guidance),
     )
     if a.prior_guidance is not None and pipe.prior is not None:
         # The diffusion prior samples per its SamplingConfig; the AR prior has none and reads only
