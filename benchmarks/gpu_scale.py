@@ -40,7 +40,7 @@ import statistics
 import time
 import unittest.mock
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,13 +153,7 @@ def training_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return diffusion.training_losses(net, x0, t, model_kwargs=cond)["loss"].mean()
 
 
-# ------------------------------------------------------------------------------ FLOPs and peak
-def count_step_flops(step: Callable[[], Any]) -> int:
-    """Model FLOPs (multiply-add = 2: matmuls, convolutions, attention) of one call of `step`,
-    forward and backward, eager (harness.count_flops: torch's FlopCounterMode + CPU kernels)."""
-    return harness.count_flops(step)
-
-
+# ------------------------------------------------------------------------------ peak
 def matmul_peak_flops(device: torch.device, quick: bool) -> dict[str, Any]:
     """Measured dense-GEMM peak: bf16 `torch.mm` at n = 8192 on CUDA; on CPU fp32 (quick: n = 512)."""
     n = 8192 if device.type == "cuda" else (512 if quick else 2048)
@@ -192,7 +186,7 @@ def timed_row(name: str, yaml: str, overrides: dict[str, Any], batch: int, *, de
         loss.backward()
         opt.step()
 
-    row["flops_per_step"] = count_step_flops(step)  # eager, before compile
+    row["flops_per_step"] = harness.count_flops(step)  # eager, before compile (FlopCounterMode + CPU kernels)
     if compile_net:
         net.compile()
     t0 = time.perf_counter()
