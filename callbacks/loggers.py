@@ -87,14 +87,22 @@ def read_offline_run(run_dir: str | Path, wait_s: float = 0.0) -> OfflineRun:
     """Parse `run-*.wandb` of an offline run directory (history rows, config) and list its files.
 
     W&B's writer process may still be flushing just after `wandb.finish()`: with `wait_s`, re-read
-    until the run's exit record is there (or the time is up).
+    until the run's exit record is there (or the time is up). A record that does not parse is the
+    writer's half-written tail while time is left, and re-read like an unfinished run.
     """
+    from google.protobuf.message import DecodeError
+
     run_dir = Path(run_dir)
     deadline = time.monotonic() + wait_s
     while True:
-        run = _parse_run(run_dir)
-        if run.finished or time.monotonic() >= deadline:
-            return run
+        try:
+            run = _parse_run(run_dir)
+        except DecodeError:
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            if run.finished or time.monotonic() >= deadline:
+                return run
         time.sleep(0.2)
 
 

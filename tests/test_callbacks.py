@@ -187,3 +187,25 @@ def test_step_budget_progress_bar_titles_the_step_not_epoch_minus_two():
     epochs = SimpleNamespace(max_epochs=3, max_steps=-1, global_step=0)
     bar._trainer = plain._trainer = epochs
     assert bar._get_train_description(1) == plain._get_train_description(1)
+
+
+def test_read_offline_run_rereads_a_half_written_tail(monkeypatch, tmp_path):
+    """While W&B's writer is still appending, the file can end in half a record (a protobuf
+    DecodeError): within `wait_s` that is re-read like an unfinished run, after it the error stands."""
+    from google.protobuf.message import DecodeError
+
+    import callbacks.loggers as loggers
+
+    calls = []
+
+    def parse(run_dir):
+        calls.append(run_dir)
+        if len(calls) == 1:
+            raise DecodeError("Wire format was corrupt")
+        return loggers.OfflineRun(run_dir, finished=True)
+
+    monkeypatch.setattr(loggers, "_parse_run", parse)
+    assert loggers.read_offline_run(tmp_path, wait_s=5).finished and len(calls) == 2
+    calls.clear()
+    with pytest.raises(DecodeError):
+        loggers.read_offline_run(tmp_path, wait_s=0)
