@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from modules.networks.prior_transformer import PriorConfig, PriorTransformer, TransformerStack
+from modules.networks.prior_transformer import PriorConfig, PriorTransformer
+from modules.networks.transformer import TransformerStack
 
 D, W, L = 12, 10, 6
 CONFIG = PriorConfig(embed_dim=D, text_width=W, width=16, depth=3, heads=2)

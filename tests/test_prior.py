@@ -16,14 +16,8 @@ import yaml
 
 from modules.stages.registry import init_kwargs
 from modules.diffusion.config import SamplingConfig
-from modules.networks.prior_transformer import (
-    PriorConfig,
-    PriorTransformer,
-    SelfAttention,
-    TransformerStack,
-    causal_key_mask,
-    count_parameters,
-)
+from modules.networks.prior_transformer import PriorConfig, PriorTransformer, count_parameters
+from modules.networks.transformer import SelfAttention, TransformerStack, causal_key_mask
 from modules.stages.prior_metrics import (
     RunningMean,
     class_retrieval_accuracy,
@@ -78,6 +72,13 @@ def test_mask_is_causal_over_valid_keys_and_keeps_the_diagonal():
     assert torch.equal(mask, expected)
 
 
+def test_bidirectional_mask_sees_every_valid_key_and_keeps_the_diagonal():
+    valid = torch.tensor([[True, False, True, True]])
+    mask = causal_key_mask(valid, causal=False)[0, 0]
+    expected = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
 def test_sdpa_attention_matches_naive_softmax():
     torch.manual_seed(0)
     attn = SelfAttention(16, 2, 0.0).eval()
@@ -100,6 +101,21 @@ def test_stack_is_causal():
     valid = torch.ones(1, 6, dtype=torch.bool)
     a, b = stack(x, valid), stack(y, valid)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6) and not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_bidirectional_stack_lets_early_positions_see_later_ones_but_not_padding():
+    torch.manual_seed(0)
+    stack = TransformerStack(16, 2, 2, 4.0, 0.0, False, causal=False).eval()
+    x = torch.randn(1, 6, 16)
+    later, padding = x.clone(), x.clone()
+    later[:, 3] = torch.randn(16)  # a valid later position
+    padding[:, 5] = torch.randn(16) * 100  # a masked one
+    valid = torch.tensor([[True] * 5 + [False]])
+    out = stack(x, valid)
+    assert not torch.allclose(stack(later, valid)[:, 0], out[:, 0], atol=1e-4)
+    assert torch.allclose(stack(padding, valid)[:, :5], out[:, :5], atol=1e-6)
+    with pytest.raises(ValueError, match="causal"):
+        stack(x, torch.ones(1, 8, dtype=torch.bool), past=stack.prefix_keys_values(x[:, :2], valid[:, :2]))
 
 
 def test_padding_never_matters_and_trimming_is_exact():

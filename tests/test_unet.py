@@ -209,6 +209,35 @@ def test_masked_caption_tokens_do_not_matter():
     torch.testing.assert_close(empty[0], dropped[0], rtol=0, atol=1e-6)
 
 
+def test_caption_encoder_reads_the_whole_caption():
+    """With ``text_layers``, a token's context entry depends on later tokens (the frozen CLIP's
+    causal states cannot); the null/padding invariants above still hold."""
+    config = tiny_config(text_layers=2)
+    model, kw = build(config), inputs()
+    assert sum(p.numel() for p in model.conditioner.text_encoder.parameters()) > 0
+    emb = model.embed_timestep(kw["t"])
+    later = kw["text_tokens"].clone()
+    later[:, 2] += 3.0  # change the third token of both captions
+    with torch.no_grad():
+        ctx = model.conditioner(emb, kw["image_embed"], kw["text_tokens"], kw["text_mask"]).context
+        moved = model.conditioner(emb, kw["image_embed"], later, kw["text_mask"]).context
+        plain = build(tiny_config())
+        ctx_plain = plain.conditioner(emb, kw["image_embed"], kw["text_tokens"], kw["text_mask"]).context
+        moved_plain = plain.conditioner(emb, kw["image_embed"], later, kw["text_mask"]).context
+    first = config.num_image_tokens + 1  # context: image tokens, null token, caption tokens
+    assert (moved[:, first] - ctx[:, first]).abs().max() > 1e-3  # the first caption token sees the third
+    torch.testing.assert_close(moved_plain[:, first], ctx_plain[:, first], rtol=0, atol=1e-6)
+    garbage = kw["text_tokens"].clone()
+    garbage[0, 3:] = torch.randn(L - 3, TXT_DIM) * 100.0  # sample 0's padding
+    drop = torch.tensor([True, False])
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, kw, text_tokens=garbage), run(model, kw), rtol=0, atol=1e-5)
+        torch.testing.assert_close(run(model, kw, text_tokens=later, drop_text=drop)[0],
+                                   run(model, kw, drop_text=drop)[0], rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="num_head_channels"):
+        tiny_config(text_layers=1, context_dim=20)
+
+
 @pytest.mark.parametrize("memory_option", ["use_checkpoint", "recompute_norms"])
 def test_gradient_checkpointing_matches(memory_option: str):
     kw = inputs()

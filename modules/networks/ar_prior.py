@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from modules.core.hparams import check_ranges
 from modules.networks.linear import Linear
-from modules.networks.prior_transformer import TRANSFORMER_RANGES, CaptionPrefix, TransformerStack
+from modules.networks.prior_transformer import TRANSFORMER_RANGES, CaptionPrefix
+from modules.networks.transformer import TransformerStack
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from modules.core.errors import ConfigError
 from modules.core.hparams import check_range
 from modules.networks.linear import Linear
+from modules.networks.transformer import TransformerStack
 from modules.networks.unet_blocks import (
     AttentionBlock,
     CondSequential,
@@ -41,6 +42,11 @@ class UNetConfig:
     middle block has attention iff this tuple is non-empty. ``image_embed_dim`` /
     ``text_embed_dim`` set to None switch that conditioning off. ``context_dim`` defaults to
     ``model_channels * max(channel_mult)``. GroupNorm uses gcd(num_groups, channels) groups.
+    ``text_layers`` > 0 trains a caption encoder with the U-Net, as GLIDE's decoder does (Nichol
+    et al. 2021; unCLIP §2.1 concatenates its outputs with the image tokens): that many
+    bidirectional Transformer blocks (``context_dim // num_head_channels`` heads) over the
+    projected caption tokens, so each token's encoding can see the whole caption (a frozen CLIP's
+    causal token states cannot: "red" does not know which shape follows).
     """
 
     image_size: int = 64
@@ -56,6 +62,7 @@ class UNetConfig:
     image_embed_dim: Optional[int] = None
     num_image_tokens: int = 4
     text_embed_dim: Optional[int] = None
+    text_layers: int = 0  # trainable bidirectional Transformer blocks over the projected caption tokens
     context_dim: Optional[int] = None
     resblock_updown: bool = False
     num_groups: int = 32
@@ -89,6 +96,10 @@ class UNetConfig:
         for name in ("image_embed_dim", "text_embed_dim", "context_dim"):
             if getattr(self, name) is not None:
                 check_range("unet", name, getattr(self, name), 1, 65536)
+        check_range("unet", "text_layers", self.text_layers, 0, 64)
+        if self.text_layers and self.context_dim % self.num_head_channels:
+            raise ConfigError(f"unet.context_dim: {self.context_dim} is not divisible by num_head_channels "
+                              f"{self.num_head_channels} (the caption Transformer's heads)")
         for mult in self.channel_mult:
             check_range("unet", "channel_mult", mult, 1, 64)
         for count in self.blocks_per_level:
@@ -150,6 +161,10 @@ class UnclipConditioner(nn.Module):
             self.text_proj = Linear(c.text_embed_dim, ctx)
             self.null_text = nn.Parameter(torch.randn(ctx) * ctx**-0.5)
             self.text_to_emb = Linear(ctx, emb_dim)
+            self.text_encoder = (
+                TransformerStack(ctx, c.text_layers, ctx // c.num_head_channels, 4.0, 0.0, False, causal=False)
+                if c.text_layers else None
+            )
         self.context_norm = nn.LayerNorm(ctx) if c.has_context else None
 
     def forward(
@@ -186,7 +201,10 @@ class UnclipConditioner(nn.Module):
                 if drop_text is not None:
                     keep = keep & ~drop_text[:, None]
                 text_mask_full = torch.cat([~keep.any(1, keepdim=True), keep], 1)  # (B, 1 + L)
-                parts += [null, self.text_proj(text_tokens)]  # (B, L, D_ctx)
+                tokens = self.text_proj(text_tokens)  # (B, L, D_ctx)
+                if self.text_encoder is not None:
+                    tokens = self.text_encoder(tokens, keep)  # each caption token attends to the caption
+                parts += [null, tokens]
         context = self.context_norm(torch.cat(parts, 1))  # (B, S, D_ctx)
         mask = None
         if self.text_enabled:
