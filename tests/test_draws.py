@@ -1,0 +1,63 @@
+"""Training draws keyed by (seed, step): rank slices of a global draw (`modules.core.draws`).
+
+No processes: ranks are simulated by `begin_step(seed, step, rank, world_size)`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modules.core import draws
+
+B = 4  # local batch
+
+
+def step_draws(seed: int, step: int, rank: int, world: int, batch: int) -> list[torch.Tensor]:
+    """One training step's sequence of draws (every kind, batch dimension first) on `rank`."""
+    draws.begin_step(seed, step, rank, world)
+    try:
+        return [
+            draws.integers(0, 1000, (batch,)),
+            draws.uniform((batch,)),
+            draws.normal((batch, 3, 5, 5), dtype=torch.float64),
+            draws.uniform((batch, 2)),
+            draws.uniform(()),  # one value per global batch
+        ]
+    finally:
+        draws.end_step()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_slices_concatenate_to_the_one_process_draw(world: int) -> None:
+    single = step_draws(0, 7, 0, 1, world * B)
+    ranks = [step_draws(0, 7, r, world, B) for r in range(world)]
+    for k, whole in enumerate(single[:-1]):
+        assert all(r[k].shape == (B, *whole.shape[1:]) for r in ranks)
+        assert torch.equal(torch.cat([r[k] for r in ranks]), whole), f"draw {k}"
+        assert not torch.equal(ranks[0][k], ranks[1][k]), f"draw {k}: ranks must differ"
+    assert all(torch.equal(r[-1], single[-1]) for r in ranks), "a scalar draw is shared by all ranks"
+
+
+def test_steps_seeds_and_call_order_key_the_draws() -> None:
+    base = step_draws(0, 7, 1, 2, B)
+    assert all(torch.equal(a, b) for a, b in zip(base, step_draws(0, 7, 1, 2, B))), "a pure function of the key"
+    for other in (step_draws(0, 8, 1, 2, B), step_draws(1, 7, 1, 2, B)):
+        assert not any(torch.equal(a, b) for a, b in zip(base, other))
+    assert not torch.equal(base[1], base[3][:, 0]), "successive draws of a step come from different keys"
+
+
+def test_outside_a_step_the_global_generator_draws_and_a_generator_wins() -> None:
+    assert draws.active() is None
+    torch.manual_seed(3)
+    expected = torch.rand(B), torch.randn(B, 2), torch.randint(0, 9, (B,))
+    torch.manual_seed(3)
+    got = draws.uniform((B,)), draws.normal((B, 2)), draws.integers(0, 9, (B,))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    step = draws.begin_step(0, 1, 1, 2)
+    try:
+        explicit = draws.normal((B, 2), generator=torch.Generator().manual_seed(5))
+        assert step.calls == 0, "an explicit generator does not consume the step's draws"
+    finally:
+        draws.end_step()
+    assert torch.equal(explicit, torch.randn(B, 2, generator=torch.Generator().manual_seed(5)))
