@@ -5,9 +5,12 @@ No processes: ranks are simulated by `begin_step(seed, step, rank, world_size)`.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from callbacks.checkpointing import RNGState
 from modules.core import draws
 
 B = 4  # local batch
@@ -61,3 +64,16 @@ def test_outside_a_step_the_global_generator_draws_and_a_generator_wins() -> Non
     finally:
         draws.end_step()
     assert torch.equal(explicit, torch.randn(B, 2, generator=torch.Generator().manual_seed(5)))
+
+
+def test_rng_state_callback_opens_the_step_with_its_batch_number_and_closes_it() -> None:
+    progress = SimpleNamespace(total=SimpleNamespace(ready=12))
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"rank": 1, "num_replicas": 2})
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+                              global_rank=1, strategy=strategy)
+    callback = RNGState(seed=5)
+    callback.on_train_batch_start(trainer, None, None, 0)
+    step = draws.active()
+    assert step is not None and (step.seed, step.step, step.rank, step.world_size) == (5, 12, 1, 2)
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert draws.active() is None
