@@ -12,6 +12,8 @@ import torch
 
 from callbacks.checkpointing import RNGState
 from modules.core import draws
+from modules.diffusion.config import DiffusionConfig
+from modules.stages.degradations import Augmentation, DegradationConfig
 
 B = 4  # local batch
 
@@ -64,6 +66,30 @@ def test_outside_a_step_the_global_generator_draws_and_a_generator_wins() -> Non
     finally:
         draws.end_step()
     assert torch.equal(explicit, torch.randn(B, 2, generator=torch.Generator().manual_seed(5)))
+
+
+def training_draw_sites(batch: int) -> list[torch.Tensor]:
+    """The production training draws of the diffusion code and the BSR upsampler corruption."""
+    diffusion = DiffusionConfig(timesteps=50).build()
+    t = diffusion.sample_timesteps(batch)
+    x0 = torch.zeros(batch, 3, 8, 8)
+    noised = diffusion.training_losses(lambda x, t: torch.zeros_like(x), x0, t)["mse"]  # = ε² means: the ε draw
+    bsr = DegradationConfig(kind=Augmentation.BSR)(x0, torch.ones(batch))
+    return [t, noised, bsr]
+
+
+def test_production_sites_draw_rank_rows_of_the_one_process_step() -> None:
+    def run(rank: int, world: int, batch: int) -> list[torch.Tensor]:
+        draws.begin_step(0, 3, rank, world)
+        try:
+            return training_draw_sites(batch)
+        finally:
+            draws.end_step()
+
+    single, ranks = run(0, 1, 2 * B), [run(r, 2, B) for r in range(2)]
+    for k, whole in enumerate(single):
+        torch.testing.assert_close(torch.cat([r[k] for r in ranks]), whole, rtol=0, atol=1e-6)
+        assert not torch.equal(ranks[0][k], ranks[1][k])
 
 
 def test_rng_state_callback_opens_the_step_with_its_batch_number_and_closes_it() -> None:
