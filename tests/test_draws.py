@@ -26,6 +26,7 @@ def step_draws(seed: int, step: int, rank: int, world: int, batch: int) -> list[
             draws.integers(0, 1000, (batch,)),
             draws.uniform((batch,)),
             draws.normal((batch, 3, 5, 5), dtype=torch.float64),
+            draws.normal((batch, 3, 64, 64)),  # large rows: one generator per global row
             draws.uniform((batch, 2)),
             draws.uniform(()),  # one value per global batch
         ]
@@ -103,3 +104,27 @@ def test_rng_state_callback_opens_the_step_with_its_batch_number_and_closes_it()
     assert step is not None and (step.seed, step.step, step.rank, step.world_size) == (5, 12, 1, 2)
     callback.on_train_batch_end(trainer, None, None, None, 0)
     assert draws.active() is None
+
+
+def test_large_rows_are_drawn_per_row_without_the_global_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of ≥ ROW_KEYED_NUMEL numbers: each rank draws B rows only (not W·B), same values."""
+    shapes: list[tuple[int, ...]] = []
+    original = torch.randn
+
+    def recording(*args, **kwargs):
+        shapes.append(tuple(args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", recording)
+    draws.begin_step(0, 3, 1, 8)
+    try:
+        rows = draws.normal((B, 3, 64, 64))
+    finally:
+        draws.end_step()
+    assert rows.shape == (B, 3, 64, 64) and all(s == (3, 64, 64) for s in shapes) and len(shapes) == B
+    draws.begin_step(0, 3, 0, 1)  # the 1-process run of the same step: rank 1 of 8 holds rows B..2B
+    try:
+        whole = draws.normal((8 * B, 3, 64, 64))
+    finally:
+        draws.end_step()
+    assert torch.equal(rows, whole[B : 2 * B])

@@ -17,8 +17,15 @@ one value per global batch, the same on every rank). So
 - a resumed run draws what the uninterrupted run drew: the values depend only on (seed, n, k) and
   n is Lightning's checkpointed batch progress, so no generator state needs saving.
 
-Costs: each rank draws W·B rows and keeps B, i.e. W times the random numbers of its own batch
-(the tensors of the other rows are freed at once); one small generator is seeded per draw.
+Large rows are drawn row by row instead: when one sample's draw has at least `ROW_KEYED_NUMEL`
+numbers (images' noise), global row g = r·B + i comes from its own generator keyed by
+(seed, n, k, g), so a rank draws its own B rows only. Which path a draw takes depends on the
+per-sample shape alone, never on W, so the 1-process equality holds on both paths.
+
+Costs: small rows (t, masks, levels, embedding noise): each rank draws W·B rows and keeps B, i.e.
+W times the random numbers of its own batch (the other rows are freed at once), one generator per
+draw. Large rows: B generators per draw and exactly the rank's own numbers, so a 1024 px
+upsampler on 64 GPUs never materialises the global batch's noise (that would be 64x its own).
 Assumptions: every rank runs the same sequence of draws with the same local batch size (training
 batches are full on every rank: `BatchSamples(partial=False)`), which also means no draw may
 depend on a rank's data. Outside a training step (validation, sampling, unit tests) the draws
@@ -32,6 +39,7 @@ a 1-process run. The tiny configs set dropout to 0.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -39,6 +47,7 @@ import torch
 from torch import Tensor
 
 Device = torch.device | str | None
+ROW_KEYED_NUMEL = 4096  # numbers per sample from which every row gets its own generator
 DrawFn = Callable[..., Tensor]  # fn(shape, *, generator, device) -> Tensor
 
 
@@ -71,10 +80,16 @@ class StepDraws:
 
         A scalar shape () is one value for the whole global batch: the same on every rank.
         """
-        generator = torch.Generator(device=device).manual_seed(key_seed("draws", self.seed, self.step, self.calls))
+        key = ("draws", self.seed, self.step, self.calls)
         self.calls += 1
+        generator = torch.Generator(device=device).manual_seed(key_seed(*key))
         if not shape:
             out = fn((), generator=generator, device=device)
+        elif math.prod(shape[1:]) >= ROW_KEYED_NUMEL:
+            first = self.rank * int(shape[0])
+            rows = [fn(tuple(shape[1:]), generator=torch.Generator(device=device).manual_seed(key_seed(*key, first + i)),
+                       device=device) for i in range(int(shape[0]))]
+            out = torch.stack(rows)  # (B, ...): global rows [r·B, (r+1)·B)
         else:
             local = int(shape[0])
             full = fn((local * self.world_size, *shape[1:]), generator=generator, device=device)  # (W·B, ...)
