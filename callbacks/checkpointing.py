@@ -9,10 +9,13 @@
   is killed. Here the temporary file lives in the target folder, is fsynced, then `os.replace`d
   (atomic on POSIX), and the folder entry is fsynced. Loading is `torch.load(weights_only=True)`
   always: a checkpoint given to `--ckpt_path` cannot run code.
-- `RNGState` (a callback): seeds Python / NumPy / torch (CPU and CUDA) at every training batch
-  from (seed, data-parallel rank, batch number), so ranks draw independently and a resumed run
-  draws the same timesteps, noise and dropout masks as an uninterrupted one (the batch number is
-  Lightning's checkpointed progress). Validation cannot shift the training streams.
+- `RNGState` (a callback): keys the training draws (timesteps, noise, CFG drop masks, upsampler
+  crops and corruption) by (seed, batch number) for the global batch, each rank keeping its rows
+  (`modules.core.draws`), and seeds Python / NumPy / torch (CPU and CUDA) at every training batch
+  from (seed, rank, batch number) for anything else. Ranks draw different values, a W-rank run
+  draws what a 1-process run at the same global batch draws, and a resumed run draws what an
+  uninterrupted one did (the batch number is Lightning's checkpointed progress). Validation
+  cannot shift the training streams.
 
 The data position is restored by `datamodules.image_text.EpochLoader` (a Lightning-stateful
 loader); Lightning restores the loops, optimizer, LR schedulers and (through
@@ -21,7 +24,6 @@ loader); Lightning restores the loops, optimizer, LR schedulers and (through
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import tempfile
@@ -34,6 +36,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
+from modules.core import draws
 from modules.core.errors import UnsafeCheckpointError
 from modules.core.safe_load import safe_torch_load
 
@@ -102,8 +105,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # ---------------------------------------------------------------------------------------------
 def batch_seed(seed: int, rank: int, batch: int) -> int:
     """The seed of training batch `batch` (counted over the whole run) on data-parallel `rank`."""
-    digest = hashlib.blake2b(f"unclip/{seed}/{rank}/{batch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return draws.key_seed(seed, rank, batch)
 
 
 def seed_batch(seed: int, rank: int, batch: int) -> None:
@@ -114,17 +116,29 @@ def seed_batch(seed: int, rank: int, batch: int) -> None:
     torch.manual_seed(value)
 
 
-class RNGState(Callback):
-    """Training randomness keyed by (seed, rank, batch): every draw of a training step (timesteps,
-    noise, CFG dropout masks, upsampler corruption, prior noise) comes from generators seeded with
-    `batch_seed(seed, global_rank, n)` at the start of the run's n-th training batch.
+def data_parallel_rank(trainer: pl.Trainer) -> tuple[int, int]:
+    """(rank, number of ranks) among the processes that read different batches."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
 
-    So ranks draw independently (Lightning's `seed_everything` seeds them identically, which made
-    every rank draw the same t and ε for different images), model initialisation stays equal
-    (it happens before the first batch), and a resumed run draws exactly what the uninterrupted
-    run did: n is Lightning's batch progress, which the checkpoint restores. Validation draws its
-    own fixed noise and cannot shift the training streams. `seed` defaults to the run's
-    `seed_everything` value (`PL_GLOBAL_SEED`).
+
+class RNGState(Callback):
+    """Training randomness keyed by the run's batch number n:
+
+    - the per-sample draws of a step (timesteps, noise, CFG dropout masks, upsampler crops and
+      corruption, prior noise) go through `modules.core.draws`: the k-th draw of batch n comes
+      from a generator keyed by (seed, n, k), drawn for the global batch, and each data-parallel
+      rank keeps its own rows. So ranks draw different values, and a 2-rank run draws exactly what
+      a 1-process run with a batch twice as large draws;
+    - Python / NumPy / torch are also seeded with `batch_seed(seed, global_rank, n)`, for draws
+      not routed through `draws` (`nn.Dropout`): different per rank, not rank-count invariant.
+
+    Lightning's `seed_everything` seeds every rank identically, which made every rank draw the
+    same t and ε for different images. Model initialisation stays equal (it happens before the
+    first batch), and a resumed run draws exactly what the uninterrupted run did: n is
+    Lightning's batch progress, which the checkpoint restores, so no generator state is saved.
+    Validation and sampling draw from their own generators and cannot shift the training
+    streams. `seed` defaults to the run's `seed_everything` value (`PL_GLOBAL_SEED`).
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -132,5 +146,19 @@ class RNGState(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        seed_batch(seed, trainer.global_rank, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+        n = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        seed_batch(seed, trainer.global_rank, n)
+        draws.begin_step(seed, n, *data_parallel_rank(trainer))
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        draws.end_step()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        draws.end_step()  # also after a batch that skipped on_train_batch_end (`on_train_batch_start` returned -1)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        draws.end_step()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        draws.end_step()

@@ -280,7 +280,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         else:
             body.append(steps.TakeStrided(hp.val_samples, self.rank, self.world_size))
         body += [
-            steps.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed + self.rank),
+            steps.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed, rank=self.rank),
             *self.finish_steps(),
         ]
         batch_size = self.loader.batch(train)

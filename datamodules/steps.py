@@ -199,14 +199,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class ImageTransform:
     """Resize / centre crop, optional horizontal flip, normalise to [-1, 1].
 
-    Flips are off by default: they would make `to the left of` captions false.
+    Flips are off by default: they would make `to the left of` captions false. Their RNG is keyed
+    like `SampleShuffle`'s, by (seed, rank, worker, epoch): ranks, workers and epochs flip
+    independently (`set_epoch`).
     """
 
-    def __init__(self, size: int, hflip: bool = False, seed: int = 0) -> None:
-        self.size, self.hflip, self.seed = size, hflip, seed
+    def __init__(self, size: int, hflip: bool = False, seed: int = 0, rank: int = 0) -> None:
+        self.size, self.hflip, self.seed, self.rank, self.epoch = size, hflip, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __call__(self, src: Iterable[Sample]) -> Iterator[Sample]:
-        rng = random.Random(f"flip-{self.seed}-{worker_and_count()[0]}")
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng = random.Random(f"flip-{self.seed}-{self.rank}-{worker_and_count()[0]}-{epoch}")
         for sample in src:
             image = resize_center_crop(sample["image"], self.size)
             if self.hflip and rng.random() < 0.5:

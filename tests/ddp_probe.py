@@ -8,9 +8,11 @@ Used two ways by `tests/test_ddp.py`:
 
 Equal global batches: every shard holds exactly one per-rank batch and shuffling inside shards is
 off, so DDP step k (rank r reads shard 2k + r of the epoch's shard order) sees the same samples as
-single-process step k with a batch twice as large. The diffusion stages draw t and the noise per
-sample from a hash of the sample itself (`per_sample_diffusion_noise`), and CFG dropout is off, so
-the only difference left between the two runs is the data-parallel arithmetic.
+single-process step k with a batch twice as large, rank 0's rows first. The stages train with
+their production draws (`modules.core.draws`: t, ε, CFG drop masks, upsampler crops and
+corruption levels keyed by (seed, step) for the global batch, each rank keeping its rows), so the
+only difference left between the two runs is the data-parallel arithmetic. `Probe` records each
+step's draws (`StepDraws.drawn`) to show it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import io
 import os
 import sys
 import tarfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,50 +108,39 @@ def write_probe_data(folder: Path) -> dict[str, str]:
 # Stages
 # ---------------------------------------------------------------------------------------------
 def stage_args(stage: str, data: dict[str, str]) -> list[str]:
-    """The stage's tiny YAML plus the overrides that make runs comparable (see module doc)."""
+    """The stage's tiny YAML plus the overrides that make runs comparable (see module doc): fixed
+    shard order, no validation; the AR prior fits its PCA on the first per-rank batch (rank 0's in
+    both runs). CFG dropout, crops and corruption stay as configured."""
     image = ["--data.train_shards", data["images"], "--data.shuffle_buffer=0"]
     emb = ["--data.train_shards", data["embeddings"], "--data.shuffle_buffer=0", "--model.clip_weights=null"]
     table = {
         "clip": ["experiments/clip/tiny.yaml", *image, "--data.image_size=32", "--model.gather_with_grad=true"],
         "clip_nograd": ["experiments/clip/tiny.yaml", *image, "--data.image_size=32", "--model.gather_with_grad=false"],
-        "prior": ["experiments/prior/tiny.yaml", *emb, "--model.drop_text_prob=0"],
-        "ar_prior": ["experiments/prior/ar_tiny.yaml", *emb, "--model.drop_text_prob=0", f"--model.fit_samples={PER_SHARD}",
+        "prior": ["experiments/prior/tiny.yaml", *emb],
+        "ar_prior": ["experiments/prior/ar_tiny.yaml", *emb, f"--model.fit_samples={PER_SHARD}",
                      f"--model.prior.num_components={PER_SHARD}"],
-        "decoder": ["experiments/decoder/tiny.yaml", *image, "--model.clip_weights", data["clip"],
-                    "--model.drop_image_prob=0", "--model.drop_text_prob=0"],
-        "superres": ["experiments/superres/tiny.yaml", *image, "--model.crop_size=64", "--model.aug_prob=0"],
+        "decoder": ["experiments/decoder/tiny.yaml", *image, "--model.clip_weights", data["clip"]],
+        "superres": ["experiments/superres/tiny.yaml", *image],
     }
     config, *rest = table[stage]
     return ["--config", str(ROOT / config), "--data.val_shards=null", "--data.resampled=false", *rest]
 
 
-def row_seed(row: torch.Tensor) -> int:
-    digest = hashlib.sha1(row.detach().float().cpu().contiguous().numpy().tobytes()).digest()
-    return int.from_bytes(digest[:6], "little")
+def step_draws_log() -> list[torch.Tensor]:
+    """The list the current training step's draws are appended to (`StepDraws.drawn`); call it
+    from `on_train_batch_start`, after `RNGState` (which `add_reliability` puts first)."""
+    from modules.core import draws
 
-
-@contextmanager
-def per_sample_diffusion_noise() -> Iterator[None]:
-    """Make `GaussianDiffusion.training_losses` draw t and ε per sample from the sample's bytes."""
-    from modules.diffusion.gaussian import GaussianDiffusion
-
-    original = GaussianDiffusion.training_losses
-
-    def training_losses(self: Any, model: Any, x0: torch.Tensor, t: torch.Tensor, *, model_kwargs: Any = None, noise: Any = None) -> Any:
-        gens = [torch.Generator().manual_seed(row_seed(row)) for row in x0]
-        t = torch.stack([torch.randint(0, self.num_timesteps, (), generator=g) for g in gens]).to(t.device)
-        noise = torch.stack([torch.randn(row.shape, generator=g) for row, g in zip(x0, gens)]).to(x0)
-        return original(self, model, x0, t, model_kwargs=model_kwargs, noise=noise)
-
-    GaussianDiffusion.training_losses = training_losses
-    try:
-        yield
-    finally:
-        GaussianDiffusion.training_losses = original
+    step = draws.active()
+    assert step is not None, "RNGState opens the step's draws before this callback runs"
+    if step.drawn is None:
+        step.drawn = []
+    return step.drawn
 
 
 class Probe(Callback):
-    """Per step: the training_step loss, the (all-reduced) gradient vector, the batch keys."""
+    """Per step: the training_step loss, the (all-reduced) gradient vector, the batch keys and the
+    values this rank drew through `modules.core.draws` (in call order)."""
 
     def __init__(self, grad_steps: int = 2) -> None:
         self.grad_steps = grad_steps
@@ -159,11 +149,13 @@ class Probe(Callback):
         self.keys: list[list[str]] = []
         self.epochs: list[int] = []
         self.rng: list[str] = []  # digest of the torch generator state each step starts from
+        self.draws: list[list[torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.keys.append(list(batch["key"]))
         self.epochs.append(trainer.current_epoch)
         self.rng.append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())  # after RNGState seeded it
+        self.draws.append(step_draws_log())
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if len(self.grads) < self.grad_steps:
@@ -174,7 +166,8 @@ class Probe(Callback):
         self.losses.append(float(loss))
 
     def record(self) -> dict[str, Any]:
-        return {"losses": self.losses, "grads": self.grads, "keys": self.keys, "epochs": self.epochs, "rng": self.rng}
+        return {"losses": self.losses, "grads": self.grads, "keys": self.keys, "epochs": self.epochs, "rng": self.rng,
+                "draws": self.draws}
 
 
 def run_stage(stage: str, data: dict[str, str], root: Path, *, devices: int, batch_size: int, workers: int,
@@ -197,8 +190,7 @@ def run_stage(stage: str, data: dict[str, str], root: Path, *, devices: int, bat
     cli = UnclipCLI(args=args, run=False)
     probe = Probe()
     cli.trainer.callbacks.append(probe)
-    with per_sample_diffusion_noise():
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return {**probe.record(), "world_size": cli.trainer.world_size, "rank": cli.trainer.global_rank}
 
 
@@ -230,8 +222,9 @@ if __name__ == "__main__":
 # Kill / resume probe (`unclip fit ... --trainer.callbacks+=tests.ddp_probe.StepLog`)
 # ---------------------------------------------------------------------------------------------
 class StepLog(Callback):
-    """One JSON line per training step: global step, epoch, batch index, keys, loss, LR and a
-    digest of the torch RNG state the step starts from. Driven by environment variables:
+    """One JSON line per training step: global step, epoch, batch index, keys, loss, LR, a digest
+    of the torch RNG state the step starts from and one of the values it drew through
+    `modules.core.draws`. Driven by environment variables:
     UNCLIP_STEPLOG (the file), UNCLIP_SIGNAL_AT ("<step>:<KILL|TERM>": send that signal to this
     process after that step) and UNCLIP_FINAL_CKPT (save a checkpoint after the last step)."""
 
@@ -241,18 +234,21 @@ class StepLog(Callback):
         self.signal_step, self.signal_name = (int(at.split(":")[0]), at.split(":")[1]) if at else (-1, "")
         self.final = os.environ.get("UNCLIP_FINAL_CKPT")
         self._row: dict[str, Any] = {}
+        self._drawn: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         digest = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
         self._row = {"epoch": trainer.current_epoch, "batch_idx": batch_idx, "keys": list(batch["key"]), "rng": digest,
                      "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        self._drawn = step_draws_log()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         import json
         import signal
 
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        row = {**self._row, "step": trainer.global_step, "loss": float(loss)}
+        drawn = hashlib.sha1(b"".join(d.numpy().tobytes() for d in self._drawn)).hexdigest()[:16]
+        row = {**self._row, "step": trainer.global_step, "loss": float(loss), "draws": drawn if self._drawn else None}
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -151,3 +151,26 @@ def test_pattern_matching_nothing_is_one_clear_error(tmp_path: Path):
         _dm(pattern)
     with pytest.raises(shards.ShardPatternError, match="pipe:"):
         shards.expand_shards("pipe:curl http://example/x.tar")
+
+
+def test_flips_are_keyed_by_rank_worker_and_epoch() -> None:
+    """hflip draws differ between epochs and ranks, and repeat for the same (seed, rank, epoch)."""
+    from PIL import Image as PILImage
+
+    from datamodules.steps import ImageTransform
+
+    arr = np.zeros((8, 8, 3), dtype=np.uint8)
+    arr[:, :4] = 255  # bright left half: a flip moves it right
+    samples = [{"image": PILImage.fromarray(arr), "key": str(i)} for i in range(64)]
+
+    def pattern(transform: ImageTransform) -> list[bool]:
+        return [bool(s["image"][0, 0, -1] > 0) for s in transform(iter(samples))]  # right column bright = flipped
+
+    rank0, rank1 = ImageTransform(8, hflip=True, seed=0, rank=0), ImageTransform(8, hflip=True, seed=0, rank=1)
+    epoch0, epoch1 = pattern(rank0), pattern(rank0)  # each call is the next epoch
+    assert 10 < sum(epoch0) < 54 and epoch0 != epoch1
+    assert pattern(rank1) != epoch0
+    again = ImageTransform(8, hflip=True, seed=0, rank=0)
+    again.set_epoch(1)
+    assert pattern(again) == epoch1
+    assert not any(pattern(ImageTransform(8, hflip=False)))

@@ -2,9 +2,12 @@
 
 One `torchrun --nproc_per_node 2` launch trains all stages (`tests/ddp_probe.py`, 2 epochs each,
 2 loader workers per rank, started by a forkserver); the single-process reference runs here at the same global batch
-(16 = 2 ranks x 8). Checked per stage: the first two steps' losses and all-reduced gradients
-match the single-process ones; every sample is seen exactly once per epoch across 2 ranks x 2
-workers (non-resampled mode); CLIP's loss is computed on features gathered from both ranks.
+(16 = 2 ranks x 8). Both runs use the production draws (t, ε, CFG dropout masks, upsampler crops
+and corruption levels from `modules.core.draws`). Checked per stage: the two ranks draw different
+values, whose concatenation is what the single process drew; the first two steps' losses and
+all-reduced gradients match the single-process ones; every sample is seen exactly once per epoch
+across 2 ranks x 2 workers (non-resampled mode); CLIP's loss is computed on features gathered
+from both ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["clip", "prior", "ar_prior", "decoder", "superres"]
-LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # measured: ≤ 5e-7 (loss), ≤ 5e-6 (gradient) relative
+LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # measured with the production draws: ≤ 2e-7 (loss), ≤ 1e-6 (gradient) relative
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +59,46 @@ def test_ddp_matches_single_process_at_equal_global_batch(runs: dict, stage: str
     assert [r["world_size"] for r in ranks] == [2, 2]
     rows = []
     for step in range(2):
-        assert sorted(single["keys"][step]) == sorted(ranks[0]["keys"][step] + ranks[1]["keys"][step])
+        assert single["keys"][step] == ranks[0]["keys"][step] + ranks[1]["keys"][step], "rank 0's rows first"
         ddp_loss = (ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2  # DDP averages gradients of rank means
         err = rel_err(ranks[0]["grads"][step], single["grads"][step])
         assert torch.equal(ranks[0]["grads"][step], ranks[1]["grads"][step]), "all-reduced gradients agree on both ranks"
         assert ddp_loss == pytest.approx(single["losses"][step], rel=LOSS_RTOL)
         assert err < GRAD_RTOL
-        rows.append(f"{stage:9s} step {step}: loss single {single['losses'][step]:.7f} ddp {ddp_loss:.7f} | grad rel err {err:.1e}")
+        loss_err = abs(ddp_loss - single["losses"][step]) / abs(single["losses"][step])
+        rows.append(f"{stage:9s} step {step}: loss single {single['losses'][step]:.7f} ddp {ddp_loss:.7f} (rel err {loss_err:.1e})"
+                    f" | grad rel err {err:.1e}")
     print("\n" + "\n".join(rows))
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_each_rank_draws_its_own_randomness(runs: dict, stage: str) -> None:
-    """Every training step starts from a generator keyed by (seed, rank, batch): the two ranks
-    differ at every step and from step to step, and rank 0 draws what a 1-process run draws."""
+    """The production draws of every step (`modules.core.draws`, recorded in call order) differ
+    between the two ranks and from step to step, and side by side they are exactly the rows the
+    single process drew at the same step. The global torch generator (for randomness not routed
+    through `draws`) is seeded per (seed, rank, batch): different per rank, rank 0 = 1 process."""
     ranks, single = runs["ddp"][stage], runs["single"][stage]
     steps = len(ranks[0]["rng"])
     assert steps >= 2 and len(set(ranks[0]["rng"])) == steps
     assert all(a != b for a, b in zip(ranks[0]["rng"], ranks[1]["rng"]))
     assert ranks[0]["rng"][: len(single["rng"])] == single["rng"][:steps]
+
+    per_step = [len(d) for r in (*ranks, single) for d in r["draws"]]
+    if stage == "clip":
+        assert set(per_step) == {0}, "CLIP training draws nothing"
+        return
+    assert len(set(per_step)) == 1 and per_step[0] > 0, f"every step of every run makes the same draws: {per_step}"
+    for step in range(steps):
+        ours, theirs = ranks[0]["draws"][step], ranks[1]["draws"][step]
+        assert all(not torch.equal(a, b) for a, b in zip(ours, theirs)), f"step {step}: a draw repeats across ranks"
+        if step > 0:
+            assert all(not torch.equal(a, b) for a, b in zip(ours, ranks[0]["draws"][step - 1])), f"step {step} repeats"
+        if step < len(single["draws"]):
+            for k, whole in enumerate(single["draws"][step]):
+                assert torch.equal(torch.cat([ours[k], theirs[k]]), whole), f"step {step}, draw {k}"
+    first = [(tuple(d.shape), d.dtype) for d in ranks[0]["draws"][0]]
+    print(f"\n{stage}: {per_step[0]} draws per step {first}; step 0, draw 0 rank 0 {ranks[0]['draws'][0][0][:4].tolist()} "
+          f"rank 1 {ranks[1]['draws'][0][0][:4].tolist()}")
 
 
 @pytest.mark.parametrize("stage", STAGES)

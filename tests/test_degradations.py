@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.stages.degradations import (
+    BSR_UNIFORMS,
     DOWN_MODES,
     UP_MODES,
     Augmentation,
@@ -19,10 +20,10 @@ from modules.stages.degradations import (
     anisotropic_blur,
     anisotropic_gaussian_kernel,
     apply_bsr,
+    bsr_params,
     gaussian_blur,
     jpeg,
     resize,
-    sample_bsr_params,
 )
 
 BSR = DegradationConfig(kind=Augmentation.BSR, blur_sigma_max=2.0, scale_max=3.0, noise_std_max=0.2, jpeg_quality_min=20)
@@ -68,7 +69,7 @@ def test_bsr_is_deterministic_under_a_seed():
 @pytest.mark.parametrize("strength", [0.25, 1.0])
 def test_bsr_parameters_stay_in_and_cover_their_stated_ranges(strength):
     gen = torch.Generator().manual_seed(0)
-    params = [sample_bsr_params(strength, BSR, gen) for _ in range(400)]
+    params = [bsr_params(strength, BSR, u) for u in torch.rand(400, BSR_UNIFORMS, generator=gen).tolist()]
     bounds = {
         "sigma": strength * BSR.blur_sigma_max,
         "scale": 1 + strength * (BSR.scale_max - 1),
@@ -125,7 +126,7 @@ def test_anisotropic_kernel_and_blur_have_the_rotated_covariance():
 
 def test_noise_has_its_stated_std():
     p = BSRParams(0.0, 0.0, 0.0, 1.0, Resampling.AREA, Resampling.NEAREST, noise_std=0.05, jpeg_quality=100)
-    out = apply_bsr(torch.zeros(3, 64, 64), p, torch.Generator().manual_seed(0))
+    out = apply_bsr(torch.zeros(3, 64, 64), p, torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0)))
     assert out.std().item() == pytest.approx(0.05, rel=0.05) and abs(out.mean().item()) < 0.005
 
 

@@ -202,7 +202,8 @@ def test_sigkill_mid_run_then_ckpt_path_last_continues_the_uninterrupted_run(tmp
     lines = ["step  epoch  batch  loss(uninterrupted)  loss(killed)  loss(resumed)"]
     for step in range(1, MAX_STEPS + 1):
         row = b.get(step) or c[step]
-        for field in ("keys", "rng", "epoch", "batch_idx", "lr"):
+        assert row["draws"] is not None, "the prior's t, drop mask and noise go through modules.core.draws"
+        for field in ("keys", "rng", "draws", "epoch", "batch_idx", "lr"):
             assert row[field] == a[step][field], f"step {step}: {field} differs from the uninterrupted run"
         assert row["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-7)
         lines.append(f"{step:4d}  {a[step]['epoch']:5d}  {a[step]['batch_idx']:5d}  {a[step]['loss']:19.6f}  "

@@ -253,8 +253,10 @@ def add_reliability(trainer: pl.Trainer) -> None:
     if "DeepSpeed" not in strategy and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     callbacks = trainer.callbacks
+    if not any(isinstance(cb, RNGState) for cb in callbacks):
+        callbacks.insert(0, RNGState())  # first: every other callback's batch hooks see the step's draws
     first_checkpoint = next((i for i, cb in enumerate(callbacks) if isinstance(cb, pl.callbacks.Checkpoint)), len(callbacks))
-    for cls in (NonFiniteGuard, DataHealth, RNGState, PreemptionCheckpoint):
+    for cls in (NonFiniteGuard, DataHealth, PreemptionCheckpoint):
         if not any(isinstance(cb, cls) for cb in callbacks):
             callbacks.insert(first_checkpoint, cls())
             first_checkpoint += 1

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from modules.core import draws
 from modules.core.errors import ConfigError
 from modules.core.hparams import check_range, coerce_fields
 
@@ -133,9 +134,8 @@ def sampling_process(diffusion: GaussianDiffusion, cfg: SamplingConfig) -> Gauss
 
 
 def noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise drawn on the generator's device (reproducible across devices)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+    """Standard normal noise drawn on the generator's device (reproducible across devices), on `device`."""
+    return draws.normal(shape, device=device, dtype=dtype, generator=generator)
 
 
 ModelFactory = Callable[[], ModelFn]

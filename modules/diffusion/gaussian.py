@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from modules.core import draws
+
 from .schedules import respaced_betas
 
 ClipFn = Callable[[Tensor], Tensor]
@@ -176,10 +178,12 @@ class GaussianDiffusion:
     def sample_timesteps(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Tensor:
-        """Uniform t ~ U{0, ..., T−1}, shape (B,), drawn on the generator's device."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device) if device is not None else t
+        """Uniform t ~ U{0, ..., T−1}, shape (B,), on `device` (default: the generator's, else CPU).
+
+        Without a generator, inside a training step t comes from that step's keyed draws
+        (`modules.core.draws`); elsewhere from the global torch generator.
+        """
+        return draws.integers(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -312,9 +316,10 @@ class GaussianDiffusion:
 
         ``mse`` is L_simple on this objective's target (DDPM eq. 14), mean over non-batch dims;
         ``vb`` is the improved-DDPM L_vlb term with the mean's gradient stopped, scaled by
-        λ·T (a one-sample estimate of λ·Σ_t L_t), λ = ``vb_weight``.
+        λ·T (a one-sample estimate of λ·Σ_t L_t), λ = ``vb_weight``. Without ``noise``, ε ~ N(0, I)
+        comes from the training step's keyed draws (`modules.core.draws`).
         """
-        noise = torch.randn_like(x0) if noise is None else noise
+        noise = draws.normal(x0.shape, device=x0.device, dtype=x0.dtype) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)  # (B, ...)
         output = self.call_model(model, x_t, t, model_kwargs).to(x0.dtype)
         terms: dict[str, Tensor] = {}

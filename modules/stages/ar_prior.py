@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules.core import optim
+from modules.core import draws, optim
 from modules.stages.conditioning import ClipConditioner
 from modules.core.hparams import as_config, init_args, to_plain
 from modules.stages.registry import class_path_of
@@ -105,7 +105,7 @@ class ARPriorModule(pl.LightningModule):
         dropped to the learned null with probability `drop_prob` per sample (for guidance)."""
         codes = self.quantizer.encode(cond["image_embed"])  # (B, P)
         sim = self.quantizer.encode_similarity(cond["image_embed"], cond["text_embed"])  # (B,)
-        drop = torch.rand(codes.shape[0], device=codes.device) < drop_prob  # (B,)
+        drop = draws.uniform((codes.shape[0],), device=codes.device) < drop_prob  # (B,)
         logits = self.net(codes[:, :-1], sim, drop_text=drop, **{k: cond[k] for k in TEXT_KEYS})  # (B, P, K)
         ce = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (B, P)
         return ce.mean(), ce.mean(0)

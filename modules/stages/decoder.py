@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from modules.core import optim
+from modules.core import draws, optim
 from modules.core.images import to_unit
 from modules.stages.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
@@ -112,7 +112,7 @@ class DecoderModule(pl.LightningModule):
         batch_size, device = ref.shape[0], ref.device
         if hp.condition_on_image:
             kwargs["image_embed"] = cond["image_embed"]
-            kwargs["drop_image"] = torch.rand(batch_size, device=device) < (hp.drop_image_prob if drop else 0.0)
+            kwargs["drop_image"] = draws.uniform((batch_size,), device=device) < (hp.drop_image_prob if drop else 0.0)
         if hp.condition_on_text:
             kwargs.update(text_unet_kwargs(cond, hp.drop_text_prob if drop else 0.0))
         return kwargs

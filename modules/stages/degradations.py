@@ -20,8 +20,9 @@ s ∈ [0, 1] (the network is told s, embedded like a timestep); at sampling s is
   JPEG quality            [100 − s · (100 − jpeg_quality_min), 100] (integer)         100
   ======================  =========================================================  ==========
 
-  Strength 0 is exactly the identity. Every sample draws the same number of random numbers, so
-  a seeded ``torch.Generator`` makes the whole batch reproducible.
+  Strength 0 is exactly the identity. A batch draws ``BSR_UNIFORMS`` uniforms and one noise image
+  per sample whatever the branches taken (`modules.core.draws`: a seeded ``torch.Generator`` makes
+  the batch reproducible, and in training each sample's draws are its rows of the global batch's).
 
 All functions take images (B, C, H, W) in [-1, 1] and return the same shape, clamped to [-1, 1].
 Isotropic blur, resizing and JPEG are torchvision's (``transforms.v2.functional``); only the
@@ -33,13 +34,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from modules.core import draws
 from modules.core.hparams import coerce_fields
 
 
@@ -161,7 +163,10 @@ class DegradationConfig:
             raise ValueError(f"degradation.blur_kernel_size: must be a positive odd number, got {self.blur_kernel_size}")
 
     def __call__(self, x: Tensor, strength: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
-        """x (B, C, H, W) in [-1, 1], strength (B,) or scalar in [0, 1] -> corrupted (B, C, H, W)."""
+        """x (B, C, H, W) in [-1, 1], strength (B,) or scalar in [0, 1] -> corrupted (B, C, H, W).
+
+        BSR draws through `modules.core.draws` (the training step's keyed draws unless `generator`).
+        """
         strength = torch.as_tensor(strength, dtype=torch.float64).expand(x.shape[0]).tolist()
         if any(not 0 <= s <= 1 for s in strength):
             raise ValueError(f"strength must lie in [0, 1], got {strength}")
@@ -170,18 +175,19 @@ class DegradationConfig:
         if self.kind is Augmentation.BLUR:
             out = [gaussian_blur(xi, s * self.blur_sigma_max, self.blur_kernel_size) for xi, s in zip(x, strength)]
         else:
-            out = [apply_bsr(xi, sample_bsr_params(s, self, generator), generator) for xi, s in zip(x, strength)]
+            u = draws.uniform((x.shape[0], BSR_UNIFORMS), device="cpu", generator=generator).tolist()  # (B, 9)
+            eps = draws.normal(x.shape, device=x.device, dtype=x.dtype, generator=generator)  # (B, C, H, W)
+            out = [apply_bsr(xi, bsr_params(s, self, ui), ei) for xi, s, ui, ei in zip(x, strength, u, eps)]
         return torch.stack(out).clamp(-1, 1)
 
 
-def _uniform(generator: torch.Generator | None) -> float:
-    device = generator.device if generator is not None else "cpu"
-    return torch.rand((), generator=generator, device=device).item()
+BSR_UNIFORMS = 9  # uniforms per sample's BSR parameters
 
 
-def sample_bsr_params(strength: float, cfg: DegradationConfig, generator: torch.Generator | None = None) -> BSRParams:
-    """Draw one sample's BSR parameters; always 9 uniforms, whatever the branch taken."""
-    u = [_uniform(generator) for _ in range(9)]
+def bsr_params(strength: float, cfg: DegradationConfig, u: Sequence[float]) -> BSRParams:
+    """One sample's BSR parameters at `strength` from `BSR_UNIFORMS` uniforms u ∈ [0, 1)."""
+    if len(u) != BSR_UNIFORMS:
+        raise ValueError(f"bsr_params takes {BSR_UNIFORMS} uniforms, got {len(u)}")
     isotropic = u[0] < cfg.isotropic_prob
     sigma_max = strength * cfg.blur_sigma_max
     sigma_x = sigma_max * u[1]
@@ -199,8 +205,9 @@ def sample_bsr_params(strength: float, cfg: DegradationConfig, generator: torch.
     )
 
 
-def apply_bsr(x: Tensor, p: BSRParams, generator: torch.Generator | None = None) -> Tensor:
-    """One image (C, H, W) in [-1, 1] through blur -> down/up-sampling -> noise -> JPEG."""
+def apply_bsr(x: Tensor, p: BSRParams, eps: Tensor) -> Tensor:
+    """One image (C, H, W) in [-1, 1] through blur -> down/up-sampling -> noise -> JPEG; `eps` is
+    standard normal noise shaped like `x`, scaled by `p.noise_std`."""
     if p.sigma_x == p.sigma_y:
         x = gaussian_blur(x, p.sigma_x)
     else:
@@ -210,7 +217,5 @@ def apply_bsr(x: Tensor, p: BSRParams, generator: torch.Generator | None = None)
     if small != (H, W):
         x = resize(resize(x, small, p.down), (H, W), p.up)
     if p.noise_std > 0:
-        device = generator.device if generator is not None else x.device
-        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        x = x + p.noise_std * eps
+        x = x + p.noise_std * eps.to(x)
     return jpeg(x.clamp(-1, 1), p.jpeg_quality)

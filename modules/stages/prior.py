@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules.core import optim
+from modules.core import draws, optim
 from modules.stages.conditioning import ClipConditioner
 from modules.diffusion import Objective
 from modules.diffusion.analytic import estimate_gamma
@@ -174,7 +174,7 @@ class PriorModule(pl.LightningModule):
         """Network keyword arguments with a per-sample CFG drop mask."""
         kwargs = {k: cond[k] for k in TEXT_KEYS}
         size, device = cond["text_embed"].shape[0], cond["text_embed"].device
-        kwargs["drop_text"] = torch.rand(size, device=device) < drop_prob
+        kwargs["drop_text"] = draws.uniform((size,), device=device) < drop_prob  # (B,)
         return kwargs
 
     # -- sampling ------------------------------------------------------------------------------

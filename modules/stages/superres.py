@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules.core import optim
+from modules.core import draws, optim
 from modules.core.images import to_unit
 from modules.stages.degradations import DegradationConfig, Resampling, resize
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
@@ -56,9 +56,8 @@ def random_crop_pair(
         return high, low
     lc = crop // factor
     n_y, n_x = low.shape[-2] - lc + 1, low.shape[-1] - lc + 1  # low-res offsets available
-    device = generator.device if generator is not None else "cpu"
-    ys = torch.randint(0, n_y, (high.shape[0],), generator=generator, device=device).tolist()
-    xs = torch.randint(0, n_x, (high.shape[0],), generator=generator, device=device).tolist()
+    ys = draws.integers(0, n_y, (high.shape[0],), device="cpu", generator=generator).tolist()
+    xs = draws.integers(0, n_x, (high.shape[0],), device="cpu", generator=generator).tolist()
     highs = [h[:, y * factor : y * factor + crop, x * factor : x * factor + crop] for h, y, x in zip(high, ys, xs)]
     lows = [l[:, y : y + lc, x : x + lc] for l, y, x in zip(low, ys, xs)]
     return torch.stack(highs), torch.stack(lows)  # (B, C, crop, crop), (B, C, crop/f, crop/f)
@@ -134,9 +133,9 @@ class SuperResModule(pl.LightningModule):
 
     def training_levels(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample corruption strength (B,): U[0, max_train_aug] w.p. aug_prob, else 0."""
-        hp, gen_device = self.hparams, generator.device if generator is not None else device
-        u = torch.rand(2, batch, generator=generator, device=gen_device).to(device)
-        return torch.where(u[0] < hp.aug_prob, u[1] * hp.max_train_aug, torch.zeros_like(u[1]))
+        hp = self.hparams
+        u = draws.uniform((batch, 2), device=device, generator=generator)  # (B, 2): [corrupt?, level]
+        return torch.where(u[:, 0] < hp.aug_prob, u[:, 1] * hp.max_train_aug, torch.zeros_like(u[:, 1]))
 
     # -- training: DDPM Algorithm 1 on (crop, corrupted low-res crop) pairs ----------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from modules.core import draws
 from modules.stages.conditioning import clip_dims, trim_tokens
 from modules.core.hparams import coerce_fields
 from modules.networks.clip import FrozenCLIP, TextEncoding
@@ -251,7 +252,7 @@ def text_unet_kwargs(cond: dict[str, Tensor], drop_prob: float = 0.0) -> dict[st
     """U-Net caption keywords from conditioning: tokens, mask and the CFG drop mask (B,), each
     caption dropped (replaced by the learned null) with probability `drop_prob`."""
     tokens = cond["text_tokens"]  # (B, L, W)
-    drop = torch.rand(tokens.shape[0], device=tokens.device) < drop_prob
+    drop = draws.uniform((tokens.shape[0],), device=tokens.device) < drop_prob  # (B,)
     return {"text_tokens": tokens, "text_mask": cond["text_mask"], "drop_text": drop}
 
 
