@@ -21,8 +21,8 @@ by the step, drawn for all 16 rows at once; each rank slices its rows. CFG dropo
 (`unet_kwargs(..., drop=False)`), so the two runs differ only in the data-parallel arithmetic
 (FSDP reduce-scatters the mean of the ranks' gradients of their 8-row mean losses, which is the
 gradient of the 16-row mean). Three steps because zero-initialised layers hold the gradient back:
-step 1 moves only the output convolution, step 2 the blocks' zero-initialised last layers as well,
-step 3 nearly every tensor.
+step 1 moves only the output convolution (and weight decay shrinks the nonzero weights), step 2 the
+blocks' zero-initialised last layers as well, step 3 nearly every tensor.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("experiments/decoder/tiny.yaml", "experiments/common/fsdp.yaml")
-OVERRIDES = ("--trainer.precision=32-true",)  # the overlay says bf16-mixed; the reference is fp32
+WEIGHT_DECAY = 0.1  # CLIP's tiny value; the decoder's YAMLs say 0, which would leave decay untested
+OVERRIDES = ("--trainer.precision=32-true",  # the overlay says bf16-mixed; the reference is fp32
+             f"--model.init_args.optimizer.weight_decay={WEIGHT_DECAY}")
 GLOBAL_BATCH = 16
 STEPS = 3
 TOKENS = 5  # caption token encodings per sample
@@ -105,13 +107,21 @@ def flat_param_sizes(module: Any) -> list[tuple[int, int, int]]:
     return [(p.numel(), p._padded_unsharded_size.numel(), sum(p._numels)) for p in units]
 
 
+def decay_group(module: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Names of the U-Net parameters in the optimizer's first (weight-decay) group, and its decay;
+    under FSDP without the wrappers' `_fsdp_wrapped_module.` parts, as in one process."""
+    names = {id(p): name.replace("_fsdp_wrapped_module.", "") for name, p in module.unet.named_parameters()}
+    group = opt.param_groups[0]
+    return {"names": sorted(names[id(p)] for p in group["params"]), "weight_decay": group["weight_decay"]}
+
+
 def train(module: Any, rank: int, world_size: int) -> dict[str, Any]:
     """STEPS optimizer steps on this rank's rows of each global batch; returns the record."""
     configured = module.configure_optimizers()
     opt, sched = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     record: dict[str, Any] = {"params": [unet_params(full_state_dict(module))], "losses": [], "rank": rank,
-                              "world_size": world_size, "decay_shapes": [tuple(p.shape) for p in opt.param_groups[0]["params"]]}
+                              "world_size": world_size, "decay": decay_group(module, opt)}
     for step in range(STEPS):
         x0, t, noise, cond = global_batch(module, step)
         cond = {k: v[rows] for k, v in cond.items()}
