@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -25,12 +26,53 @@ class OptimConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
+def original_ndims(module: nn.Module) -> dict[str, int]:
+    """Each of `module.named_parameters()`'s names -> the number of dims its parameter had before
+    any sharding, which is what the weight-decay rule (decay iff ndim >= 2) has to look at.
+
+    - Unwrapped, DDP or DeepSpeed ZeRO-1/2: the parameter is whole, `p.ndim`.
+    - FSDP1 (`FullyShardedDataParallel`, `use_orig_params=True`, Lightning's default): each original
+      parameter is a 1-D view of this rank's part of its unit's FlatParameter (size 0 when none of
+      it is local), so `p.ndim` is 1 for every weight. Each FSDP unit's `_handle.flat_param` keeps
+      `_param_infos` (param_name, module, module_name) and `_shapes`, in the same order, and the
+      view is `getattr(module, param_name)` (torch/distributed/fsdp/_flat_param.py). Only units
+      inside `module` are seen: a parameter of a unit wrapping `module` from outside (Lightning's
+      root unit is the whole LightningModule) keeps its 1-D `p.ndim`, with a warning; making the
+      network an FSDP unit of its own (auto-wrap policy) puts its parameters back in sight.
+    - FSDP2 (`fully_shard`): the registered parameter is a DTensor built on a spec whose
+      `tensor_meta` is the unsharded size (`FSDPParam._init_sharding_spec_plain`), so `p.ndim` is
+      already the logical one (on 2 processes a Linear(8, 6)'s weight is a (6, 8) DTensor holding
+      a (3, 8) local shard).
+    - FSDP1 with `use_orig_params=False` registers the FlatParameter itself: weights and biases
+      share one 1-D tensor and no per-parameter rule applies; it counts as 1-D.
+    """
+    original: dict[int, int] = {}  # id(view parameter) -> ndim of the original
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        for unit in module.modules():
+            handle = unit._handle if isinstance(unit, FullyShardedDataParallel) else None
+            if handle is not None and handle._use_orig_params:
+                flat = handle.flat_param
+                for (name, owner, _), shape in zip(flat._param_infos, flat._shapes):
+                    original[id(getattr(owner, name))] = len(shape)
+    named = dict(module.named_parameters())
+    # FSDP1 marks the original parameters it flattens
+    unseen = [name for name, p in named.items() if getattr(p, "_fsdp_flattened", False) and id(p) not in original]
+    if unseen:
+        warnings.warn(f"{len(unseen)} parameters (e.g. {unseen[0]}) belong to FSDP units outside the module given to "
+                      "the optimizer: sharded, their weights count as 1-D and get no weight decay", stacklevel=2)
+    return {name: original.get(id(p), p.ndim) for name, p in named.items()}
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms' gains, embeddings' scalars (1-D parameters)."""
+    """No weight decay on biases, norms' gains, embeddings' scalars: parameters of fewer than 2
+    dims before any sharding (`original_ndims`)."""
+    ndims = original_ndims(module)
     decay, no_decay = [], []
-    for _, p in module.named_parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if ndims[name] >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
