@@ -20,7 +20,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_steps: int | None = None  # cosine decay to `min_lr_ratio * lr` over this many steps
     min_lr_ratio: float = 0.0
-    fused: bool = False  # fused AdamW kernel (CUDA; foreach is the CPU default)
+    fused: bool = False  # fused AdamW kernel (CUDA and CPU; unset, torch loops over tensors on CPU: benchmarks/cpu_optimizer.py)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
