@@ -65,14 +65,15 @@ def original_ndims(module: nn.Module) -> dict[str, int]:
     return {name: original.get(id(p), p.ndim) for name, p in named.items()}
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(module: nn.Module, weight_decay: float, exempt_names: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """No weight decay on biases, norms' gains, embeddings' scalars: parameters of fewer than 2
-    dims before any sharding (`original_ndims`)."""
+    dims before any sharding (`original_ndims`), and any whose name contains one of `exempt_names`."""
     ndims = original_ndims(module)
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if ndims[name] >= 2 else no_decay).append(p)
+            exempt = ndims[name] < 2 or any(part in name for part in exempt_names)
+            (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -244,14 +244,7 @@ class CLIPModule(pl.LightningModule):
 
 def clip_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups as in CLIP/open_clip: no decay on gains, biases, the temperature, embeddings."""
-    ndims = optim.original_ndims(model)  # the unsharded ones, also under FSDP
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = ndims[name] < 2 or any(part in name for part in NO_DECAY_NAMES)
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return optim.param_groups(model, weight_decay, exempt_names=NO_DECAY_NAMES)
 
 
 def recall_at_k(scores: Tensor, relevant: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
