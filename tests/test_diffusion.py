@@ -13,6 +13,7 @@ from modules.diffusion import (
     LossWeighting,
     Objective,
     Schedule,
+    TimestepSampling,
     VarianceType,
     classifier_free_guidance,
     ddim_invert,
@@ -360,6 +361,44 @@ def test_training_losses_oracle_and_min_snr(objective: Objective) -> None:
     losses = d.training_losses(oracle(d, x0 + delta), x0, t)
     x0_err = (delta**2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(losses["loss"], torch.from_numpy(np.minimum(snr, 5.0)) * x0_err, rtol=1e-6, atol=0)
+
+
+def test_weighted_timesteps_follow_the_weights_and_estimate_the_same_objective() -> None:
+    """t ∝ w_t (inverse CDF) with weights w̄/w_t: an unbiased, lower-variance estimate of E_{t~U}[w_t L_t]."""
+    uniform = make(Objective.V, loss_weighting=LossWeighting.MIN_SNR)
+    weighted = make(Objective.V, loss_weighting=LossWeighting.MIN_SNR, timestep_sampling=TimestepSampling.WEIGHTED)
+    w = uniform.loss_weight(torch.arange(1000), F64).numpy()
+    np.testing.assert_allclose(weighted.timestep_probs, w / w.sum(), rtol=1e-12)
+    t = weighted.sample_timesteps(400_000, generator=torch.Generator().manual_seed(0))
+    counts = np.bincount(t.numpy(), minlength=1000).reshape(20, 50).sum(1)  # 20 bins of 50 steps
+    expected = 400_000 * (w / w.sum()).reshape(20, 50).sum(1)
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected.max())  # binomial tolerance
+    assert counts[:1].sum() < expected.sum() * 0.01 and counts[19] < counts[6] / 20  # mass where w_t is
+    t_all = torch.arange(1000)
+    torch.testing.assert_close(uniform.importance_weight(t_all, F64), torch.ones(1000, dtype=F64))
+    torch.testing.assert_close(weighted.importance_weight(t_all, F64), torch.from_numpy(w.mean() / w))
+    # A fixed model's per-t objective L(t) = w_t ‖v − v̂‖²: both estimators have mean L̄ over t ~ U.
+    x0 = torch.rand(1, 3, 8, 8, dtype=F64) * 2 - 1
+    noise = torch.randn_like(x0)
+    model = lambda x, t: 0.5 * x  # noqa: E731
+    per_t = torch.stack([uniform.training_losses(model, x0, t.view(1), noise=noise)["loss"][0] for t in t_all])
+    exact = per_t.mean()
+    gen = torch.Generator().manual_seed(1)
+    estimates = {}
+    for name, d in (("uniform", uniform), ("weighted", weighted)):
+        ts = d.sample_timesteps(20_000, generator=gen)
+        estimates[name] = per_t[ts] * d.importance_weight(ts, F64)  # per-sample estimates
+        assert abs(estimates[name].mean() - exact) < 4 * estimates[name].std() / math.sqrt(20_000)
+    assert estimates["weighted"].var() < 0.7 * estimates["uniform"].var()
+    # training_loss is that estimate: mean of per-sample losses × 1/(T p(t)).
+    ts = torch.tensor([3, 300, 900])
+    batch = x0.expand(3, -1, -1, -1)
+    torch.manual_seed(0)  # outside a training step ε comes from the global generator
+    got = weighted.training_loss(model, batch, ts)
+    torch.manual_seed(0)
+    ref = (weighted.training_losses(model, batch, ts)["loss"] * weighted.importance_weight(ts, F64)).mean()
+    torch.testing.assert_close(got, ref)
+    assert weighted.respaced(range(0, 1000, 10)).timestep_sampling is TimestepSampling.WEIGHTED
 
 
 def test_learned_variance_vb_term() -> None:

@@ -19,7 +19,7 @@ from modules.core.errors import ConfigError
 from modules.core.hparams import check_range, coerce_fields
 
 from .analytic import analytic_ddpm_sample
-from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, VarianceType
+from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, TimestepSampling, VarianceType
 from .guidance import classifier_free_guidance, dynamic_threshold, static_clip
 from .samplers import Callback, ddim_sample, ddpm_sample
 from .schedules import Schedule, make_betas, space_timesteps
@@ -35,6 +35,7 @@ class DiffusionConfig:
     variance: VarianceType = VarianceType.FIXED_SMALL
     loss_weighting: LossWeighting = LossWeighting.NONE
     min_snr_gamma: float = 5.0
+    timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -48,6 +49,7 @@ class DiffusionConfig:
             variance=self.variance,
             loss_weighting=self.loss_weighting,
             min_snr_gamma=self.min_snr_gamma,
+            timestep_sampling=self.timestep_sampling,
         )
 
 

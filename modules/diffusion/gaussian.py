@@ -12,6 +12,10 @@ Equations (numbers from the papers):
 - v-parameterisation v = √ᾱ ε − √(1 − ᾱ) x_0: Salimans & Ho 2022 §4 / appendix D.
 - Min-SNR-γ loss weighting: Hang et al. 2023, w_t = min(SNR_t, γ) in x_0 space, i.e.
   min(SNR, γ)/SNR for an ε target and min(SNR, γ)/(SNR + 1) for a v target.
+- Timestep density: the objective is E_{t~U}[w_t L_t]. Drawing t with p(t) ∝ w_t instead and
+  weighting each sample by w_t/(T p(t)) (constant: the mean weight) estimates the same objective
+  with lower variance (importance sampling, as improved DDPM §3.3 does for L_vlb; EDM and SD3
+  likewise choose the noise-level density instead of weighting).
 
 Tables are float64 numpy; each call casts the needed rows to the input's device and dtype.
 """
@@ -56,6 +60,13 @@ class LossWeighting(str, Enum):
 
     NONE = "none"
     MIN_SNR = "min_snr"
+
+
+class TimestepSampling(str, Enum):
+    """Density of the training timesteps."""
+
+    UNIFORM = "uniform"  # t ~ U{0..T-1} (DDPM Algorithm 1)
+    WEIGHTED = "weighted"  # t ~ p(t) ∝ w_t, samples weighted by w_t/(T p(t)): same objective, lower variance
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -105,6 +116,7 @@ class GaussianDiffusion:
         min_snr_gamma: float = 5.0,
         vb_weight: float = 1e-3,
         timestep_map: np.ndarray | None = None,
+        timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM,
     ) -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
@@ -113,6 +125,7 @@ class GaussianDiffusion:
         self.variance = VarianceType(variance)
         self.loss_weighting = LossWeighting(loss_weighting)
         self.min_snr_gamma = float(min_snr_gamma)
+        self.timestep_sampling = TimestepSampling(timestep_sampling)
         self.vb_weight = float(vb_weight)
         self.num_timesteps = len(betas)
         self.timestep_map = (
@@ -141,6 +154,7 @@ class GaussianDiffusion:
         self.log_large_variance = np.log(self.large_variance)
         self.log_betas = np.log(betas)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.timestep_probs = self._timestep_probs()  # p(t) of `sample_timesteps`
         self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[np.ndarray, Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -173,17 +187,38 @@ class GaussianDiffusion:
             betas, objective=self.objective, variance=self.variance,
             loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
             vb_weight=self.vb_weight, timestep_map=self.timestep_map[local_map],
+            timestep_sampling=self.timestep_sampling,
         )
 
     def sample_timesteps(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Tensor:
-        """Uniform t ~ U{0, ..., T−1}, shape (B,), on `device` (default: the generator's, else CPU).
+        """Training timesteps t ~ p(t), shape (B,), on `device` (default: the generator's, else CPU):
+        uniform on {0, ..., T−1}, or ∝ w_t by inverse CDF for `TimestepSampling.WEIGHTED`.
 
         Without a generator, inside a training step t comes from that step's keyed draws
         (`modules.core.draws`); elsewhere from the global torch generator.
         """
-        return draws.integers(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        if self.timestep_sampling is TimestepSampling.UNIFORM:
+            return draws.integers(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        u = draws.uniform((batch,), device=device, generator=generator).double()
+        cdf = torch.from_numpy(np.cumsum(self.timestep_probs)).to(u.device)
+        return torch.searchsorted(cdf, u, right=True).clamp(max=self.num_timesteps - 1)
+
+    def _timestep_probs(self) -> np.ndarray:
+        """p(t) (float64, sums to 1): uniform, or w_t / Σ w for WEIGHTED (min-SNR or unit weights)."""
+        if self.timestep_sampling is TimestepSampling.UNIFORM:
+            return np.full(self.num_timesteps, 1.0 / self.num_timesteps)
+        w = self.loss_weight(torch.arange(self.num_timesteps), torch.float64).numpy()
+        if not w.sum() > 0:
+            raise ValueError("timestep_sampling 'weighted' needs loss weights with a positive sum")
+        return w / w.sum()
+
+    def importance_weight(self, t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """1/(T p(t)), shape (B,): the factor that makes the mean of per-sample losses at t ~ p(t) an
+        unbiased estimate of E_{t~U}[loss_t] (1 for uniform t; w̄/w_t for WEIGHTED)."""
+        probs = torch.from_numpy(self.timestep_probs)[t.long().cpu()]
+        return (1.0 / (self.num_timesteps * probs)).to(dtype=dtype, device=t.device)
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -336,3 +371,11 @@ class GaussianDiffusion:
         if "vb" in terms:
             terms["loss"] = terms["loss"] + terms["vb"]
         return terms
+
+    def training_loss(
+        self, model: ModelFn, x0: Tensor, t: Tensor, *, model_kwargs: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """The batch's estimate of E_{t~U}[loss_t] for t drawn by :meth:`sample_timesteps`: the mean of
+        the per-sample ``loss`` times 1/(T p(t)) (plain mean for uniform t)."""
+        losses = self.training_losses(model, x0, t, model_kwargs=model_kwargs)["loss"]
+        return (losses * self.importance_weight(t, losses.dtype)).mean()

@@ -84,9 +84,8 @@ class DecoderModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x0 = batch["image"]  # (B, 3, H, W) in [-1, 1]
         cond = self.condition(batch, drop=True)
-        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1}
-        losses = self.diffusion.training_losses(self.unet, x0, t, model_kwargs=cond)  # ||eps - eps_theta||^2
-        loss = losses["loss"].mean()
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1} (or ∝ w_t)
+        loss = self.diffusion.training_loss(self.unet, x0, t, model_kwargs=cond)  # w_t ‖target − prediction‖²
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 

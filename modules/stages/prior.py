@@ -138,9 +138,9 @@ class PriorModule(pl.LightningModule):
         z_i = cond["image_embed"]  # (B, D) unit-norm
         self.mean_embed.update(z_i)
         x0 = self.to_x0(z_i)
-        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1}
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1} (or ∝ w_t)
         kwargs = self.model_kwargs(cond, drop_prob=self.hparams.drop_text_prob)
-        loss = self.diffusion.training_losses(self.net, x0, t, model_kwargs=kwargs)["loss"].mean()  # ||f(z_t..) - x0||^2
+        loss = self.diffusion.training_loss(self.net, x0, t, model_kwargs=kwargs)  # ||f(z_t..) - x0||^2
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 

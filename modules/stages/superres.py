@@ -143,9 +143,9 @@ class SuperResModule(pl.LightningModule):
         x0, low = random_crop_pair(image, self.make_low_res(image), self.crop_size)  # (B, 3, c, c), (B, 3, c/f, c/f)
         level = self.training_levels(x0.shape[0], x0.device)  # (B,)
         low = self.degrade(low, level)
-        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1}
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)  # t ~ U{0..T-1} (or ∝ w_t)
         cond = {"low_res": low, "aug_level": level, **self.text_kwargs(batch, drop=True)}
-        loss = self.diffusion.training_losses(self.unet, x0, t, model_kwargs=cond)["loss"].mean()
+        loss = self.diffusion.training_loss(self.unet, x0, t, model_kwargs=cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
