@@ -190,6 +190,8 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*DECODER, *data, "--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
         ([*DECODER, *data, "--model.unet.channel_mult=[1,x]"], "model.unet.channel_mult: expected int, got 'x'"),
         ([*DECODER, *data, "--model.drop_text_prob=high"], "model.drop_text_prob: expected float, got 'high'"),
+        ([*DECODER, *data, "--model.diffusion.timestep_sampling=weighted"],
+         "model.diffusion.timestep_sampling: expected one of UNIFORM, WEIGHTED, got 'weighted'"),
         ([*DECODER, *data, "--config", str(tmp / "bad_type.yaml")], "trainer.max_steps: expected int, got 'lots'"),
         ([*DECODER, *data, "--config", str(tmp / "bad_syntax.yaml")], "bad_syntax.yaml: not valid YAML at line"),
         (["fit", "--config", str(tmp / "missing.yaml")], f"--config {tmp / 'missing.yaml'}: file not found"),

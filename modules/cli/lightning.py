@@ -46,6 +46,8 @@ _REASONS: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(r"Group '([^']+)' does not accept option '([^']+)'"), lambda m: (f"{m[1]}.{m[2]}", "unknown option")),
     (re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'"), lambda m: (m[1], "unknown option")),
     (re.compile(r"Expected a <class '([^']+)'>\. Got value: (.*)"), lambda m: ("", f"expected {m[1]}, got {m[2].strip()!r}")),
+    (re.compile(r"Expected a member of <enum '[^']+'>: \{([^}]*)\}\. Got value: (.*)"),
+     lambda m: ("", f"expected one of {', '.join(m[1].split(','))}, got {m[2].strip()!r}")),
     (re.compile(r"File does not exist: '?([^']*)'?"), lambda m: ("", f"file not found: {m[1]}")),
     (re.compile(r"(\S+) either not accessible or invalid"), lambda m: ("", f"cannot import {m[1]!r}")),
 ]
