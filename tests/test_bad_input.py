@@ -197,6 +197,7 @@ ARG_CASES = {
     "eval_out_is_file": (["evaluate", "--pipeline", "{pipe}", "--out", "{work}/a_file"], "not a directory"),
     "eval_shapes_two_prompts": (SHAPES_EVAL + ["--num-prompts", "2"], "--num-prompts"),
     "eval_shapes_steps_zero": (SHAPES_EVAL + ["--steps", "0"], "--steps"),
+    "eval_shapes_candidates_zero": (SHAPES_EVAL + ["--decoder-candidates", "0"], "--decoder-candidates"),
     "data_num_samples_zero": (DATA + ["--num-samples", "0"], "--num-samples"),
     "data_num_samples_negative": (DATA + ["--num-samples", "-5"], "--num-samples"),
     "data_size_zero": (DATA + ["--size", "0"], "--size"),

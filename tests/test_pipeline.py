@@ -90,6 +90,28 @@ def test_pipeline_with_prior_and_upsampler_round_trips(tmp_path: Path):
     assert not torch.equal(a, no_prior)
 
 
+def test_decoder_candidates_keep_the_sample_clip_scores_highest():
+    """Best of n decoder samples per prompt by CLIP(x)·z_t, reproduced from the decoder's own n draws."""
+    from modules.core.images import to_unit
+    from modules.stages.conditioning import repeat_rows
+
+    pipe, prompts, n = _pipeline(), ["a red circle", "a blue square"], 3
+    got = pipe.generate(prompts, 1, seed=5, config=GenerateConfig(decoder_candidates=n))
+    text = pipe.encode_text(prompts)  # no prior: z_i = z_t, and DDIM (eta 0) draws only x_T
+    kwargs = repeat_rows(pipe.decoder_kwargs(text, text["text_embed"]), n)
+    candidates = pipe.decoder.generate(kwargs, generator=torch.Generator().manual_seed(5)).view(2, n, 3, 16, 16)
+    feats = pipe.clip.model.encode_image(pipe.clip.preprocess(candidates.flatten(0, 1))).float()
+    scores = (feats / feats.norm(dim=-1, keepdim=True)).view(2, n, -1) @ text["text_embed"].unsqueeze(-1)  # (2, n, 1)
+    best = scores.squeeze(-1).argmax(dim=1)
+    assert len(set(scores.flatten().tolist())) == 2 * n  # distinct candidates, so the choice is real
+    torch.testing.assert_close(got, to_unit(candidates[torch.arange(2), best]), rtol=0, atol=1e-6)
+    one = pipe.generate(prompts, 1, seed=5)  # n = 1 (the default): one draw per prompt, no reranking
+    plain = pipe.decoder.generate(pipe.decoder_kwargs(text, text["text_embed"]), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(one, to_unit(plain), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="decoder_candidates"):
+        pipe.decode(text, text["text_embed"], GenerateConfig(decoder_candidates=2), None, x_T=torch.zeros(2, 3, 16, 16))
+
+
 def test_refuses_unknown_class_and_bad_version(saved: Path, tmp_path: Path):
     import shutil
 
@@ -182,3 +204,14 @@ def test_stages_of_another_clip_are_refused(tmp_path: Path):
                                           attention_resolutions=(8,), num_head_channels=16), clip_model="tiny-rn")
     with pytest.raises(PipelineError, match="decoder: trained against CLIP 'tiny-rn', but the pipeline's CLIP is 'tiny-vit'"):
         UnCLIPPipeline(pipe.clip, other)
+
+
+def test_evaluate_shapes_cli_reranks_decoder_samples(saved: Path, tmp_path: Path):
+    out = tmp_path / "shapes"
+    argv = ["evaluate-shapes", "--pipeline", str(saved), "--num-prompts", "3", "--steps", "2", "--no-upsample",
+            "--decoder-candidates", "2", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "shapes_accuracy.json").read_text())
+    assert report["decoder_candidates"] == 2 and report["num_prompts"] == 3 and "prior" not in report
+    rows = json.loads((out / "text" / "rows.json").read_text())
+    assert [r["num_objects"] for r in rows] == [1, 2, 2]  # one single, one scene in both phrasings

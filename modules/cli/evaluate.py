@@ -64,6 +64,8 @@ def evaluate_shapes(argv: list[str]) -> int:
     p.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
     p.add_argument("--steps", type=count(1, 1000), default=None, help="decoder DDIM steps (default: the decoder's own)")
     p.add_argument("--no-upsample", action="store_true", help="score at the decoder's resolution")
+    p.add_argument("--decoder-candidates", type=count(1, 64), default=1,
+                   help="decoder samples per prompt, the best by CLIP score kept (default 1: no reranking)")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
     if a.shards:
@@ -74,5 +76,6 @@ def evaluate_shapes(argv: list[str]) -> int:
         captions = evaluation_captions(num_single=a.num_prompts // 3, num_pairs=a.num_prompts // 3, seed=a.seed)
     pipe = load_pipeline(a.pipeline)
     with new_output(a.out):
-        shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample)
+        shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample,
+                        decoder_candidates=a.decoder_candidates)
     return 0

@@ -79,6 +79,8 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--decoder-guidance", type=real(0.0, 100.0), default=None)
     p.add_argument("--prior-guidance", type=real(0.0, 100.0), default=None)
     p.add_argument("--no-prior", action="store_true", help="feed z_t to the decoder (ablation)")
+    p.add_argument("--decoder-candidates", type=count(1, 64), default=1,
+                   help="decoder samples per image, the best by CLIP score kept (default 1: no reranking)")
     a = p.parse_args(argv)
     prompts = _read_prompts(a)
     pipe = load_pipeline(a.pipeline)
@@ -87,6 +89,7 @@ def generate(argv: list[str]) -> int:
     cfg = GenerateConfig(
         prior_mode=PriorMode.TEXT if a.no_prior else PriorMode.PRIOR,
         decoder_sampling=dataclasses.replace(dec, steps=a.steps, guidance_scale=guidance),
+        decoder_candidates=a.decoder_candidates,
     )
     if a.prior_guidance is not None and pipe.prior is not None:
         # The diffusion prior samples per its SamplingConfig; the AR prior has none and reads only

@@ -1,4 +1,4 @@
-"""`UnCLIPPipeline`: text -> CLIP z_t -> prior z_i (best of n) -> decoder 64 px -> upsamplers.
+"""`UnCLIPPipeline`: text -> CLIP z_t -> prior z_i (best of n) -> decoder 64 px (best of n) -> upsamplers.
 
 A pipeline directory holds `pipeline.json` (format name + version, and per stage its class path,
 plain hyperparameters and weight file) and one `.safetensors` file per stage: no pickle anywhere.
@@ -33,7 +33,7 @@ from modules.pipelines.store import (
     save_weights,
     upsampler_entries,
 )
-from modules.stages.conditioning import clip_dims, trim_tokens
+from modules.stages.conditioning import best_of, clip_dims, repeat_rows, trim_tokens
 from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
 from modules.stages.registry import STAGE_CLASSES, StageKind
 
@@ -52,7 +52,10 @@ class GenerateConfig:
     """Knobs of `UnCLIPPipeline.generate` (None: the stage's own sampling config)."""
 
     prior_mode: PriorMode = PriorMode.PRIOR
-    num_candidates: int = 2
+    num_candidates: int = 2  # the prior's best-of-n over z_i (paper §2.2)
+    # Decoder samples per prompt; n > 1 keeps the one whose CLIP image embedding has the largest dot
+    # product with z_t (CLIP reranking, as DALL·E (Ramesh et al. 2021) reranks its samples), before upsampling.
+    decoder_candidates: int = 1
     prior_sampling: SamplingConfig | None = None
     decoder_sampling: SamplingConfig | None = None
     upsampler_sampling: list[SamplingConfig | None] = field(default_factory=list)
@@ -159,9 +162,18 @@ class UnCLIPPipeline(nn.Module):
     @torch.no_grad()
     def decode(self, text: dict[str, Tensor], image_embed: Tensor, cfg: GenerateConfig,
                generator: torch.Generator | None, x_T: Tensor | None = None) -> Tensor:
-        """Decoder then upsamplers: images (B, 3, S, S) in [-1, 1] at the final resolution."""
-        kwargs = self.decoder_kwargs(text, image_embed)
+        """Decoder (best of `cfg.decoder_candidates` by CLIP score) then upsamplers: images (B, 3, S, S)
+        in [-1, 1] at the final resolution."""
+        kwargs, n = self.decoder_kwargs(text, image_embed), cfg.decoder_candidates
+        if n < 1 or (n > 1 and x_T is not None):
+            raise ValueError(f"decoder_candidates must be >= 1, and 1 when x_T is given; got {n}")
+        if n > 1:
+            kwargs = repeat_rows(kwargs, n)
         x = self.decoder.generate(kwargs, sampling=cfg.decoder_sampling, generator=generator, x_T=x_T)
+        if n > 1:
+            x = x.view(-1, n, *x.shape[1:])  # (B, n, 3, S, S)
+            keys = self.clip.encode_image(x.flatten(0, 1)).view(x.shape[0], n, -1)  # CLIP(x), unit-norm
+            x = x[torch.arange(x.shape[0], device=x.device), best_of(keys, text["text_embed"])]
         for i, up in enumerate(self.upsamplers if cfg.upsample else []):
             sampling = cfg.upsampler_sampling[i] if i < len(cfg.upsampler_sampling) else None
             x = up.generate(x, sampling=sampling, generator=generator)

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modules.core import draws, optim
-from modules.stages.conditioning import ClipConditioner
+from modules.stages.conditioning import ClipConditioner, repeat_rows
 from modules.core.hparams import as_config, init_args, to_plain
 from modules.stages.registry import class_path_of
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer
 from modules.stages.prior_metrics import RunningMean, compare_to_baselines
-from modules.stages.prior import TEXT_KEYS, repeat_rows, select_best
+from modules.stages.prior import TEXT_KEYS, select_best
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,17 @@ def trim_tokens(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return tokens[:, :length], mask[:, :length]
 
 
+def repeat_rows(cond: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """Each row repeated n times in place: [a, b] -> [a, a, b, b] (so rows reshape to (B, n, ...))."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+
+
+def best_of(keys: Tensor, text_embed: Tensor) -> Tensor:
+    """Index (B,) of the candidate key (B, n, D) with the largest dot product with z_t (B, D): the
+    prior's best-of-n over z_i (paper §2.2) and the pipeline's decoder reranking over CLIP(x)."""
+    return torch.einsum("bnd,bd->bn", keys, text_embed.to(keys)).argmax(dim=1)
+
+
 class ClipConditioner:
     """Returns the CLIP conditioning of a batch, encoding with a frozen CLIP when needed."""
 

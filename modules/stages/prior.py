@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modules.core import draws, optim
-from modules.stages.conditioning import ClipConditioner
+from modules.stages.conditioning import ClipConditioner, best_of, repeat_rows
 from modules.diffusion import Objective
 from modules.diffusion.analytic import estimate_gamma
 from modules.diffusion.config import (
@@ -62,14 +62,7 @@ def default_sampling() -> SamplingConfig:
 
 def select_best(candidates: Tensor, text_embed: Tensor) -> Tensor:
     """Per row, the candidate (B, n, D) with the largest dot product with z_t (B, D) -> (B, D)."""
-    scores = torch.einsum("bnd,bd->bn", candidates, text_embed.to(candidates))  # (B, n)
-    best = scores.argmax(dim=1)
-    return candidates[torch.arange(candidates.shape[0], device=candidates.device), best]
-
-
-def repeat_rows(cond: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-    """Each row repeated n times in place: [a, b] -> [a, a, b, b] (so rows reshape to (B, n, ...))."""
-    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), best_of(candidates, text_embed)]
 
 
 class PriorModule(pl.LightningModule):
