@@ -41,6 +41,9 @@ TEXT_DIFF = ("a red circle", "a blue circle")  # base caption of input 0 -> new 
 
 
 TRAINED = ("clip", "prior", "decoder", "superres")  # the steps that are `unclip fit` runs
+# Decoder samples per prompt in `generate` and `evaluate`, the best by CLIP(x)·z_t kept (the pipeline's
+# CLIP reranking). On the demo's pipeline (540 prompts): single-object 50.6% -> 60.6% with 2, 65.6% with 4.
+DECODER_CANDIDATES = 2
 
 
 @dataclass
@@ -112,12 +115,14 @@ class Demo:
         prompts = self.out / "prompts.txt"
         prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
         _check(_python() + ["generate", "--pipeline", str(self.pipeline), "--prompts-file", str(prompts),
-                            "--num-images", "4", "--seed", "0", "--out", str(self.out / "samples")])
+                            "--num-images", "4", "--seed", "0", "--decoder-candidates", str(DECODER_CANDIDATES),
+                            "--out", str(self.out / "samples")])
 
     def evaluate(self) -> None:
         report = self.out / "report"
         _check(_python() + ["evaluate-shapes", "--pipeline", str(self.pipeline), "--num-prompts", str(self.eval_prompts),
-                            "--steps", "25", "--no-upsample", "--out", str(report)])
+                            "--steps", "25", "--no-upsample", "--decoder-candidates", str(DECODER_CANDIDATES),
+                            "--out", str(report)])
         _check(_python() + ["evaluate", "--pipeline", str(self.pipeline), "--val-shards", str(self.data / "val-*.tar"),
                             "--num-samples", "32", "--steps", "25", "--kid-subset-size", "16", "--isc-splits", "2",
                             "--out", str(report)])
