@@ -154,7 +154,10 @@ class GaussianDiffusion:
         self.log_large_variance = np.log(self.large_variance)
         self.log_betas = np.log(betas)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
-        self.timestep_probs = self._timestep_probs()  # p(t) of `sample_timesteps`
+        # p(t) of `sample_timesteps`, its CDF (for the inverse-CDF draw) and 1/(T p(t)), built once here.
+        self.timestep_probs, weights = self._timestep_density()
+        self._timestep_cdf = torch.from_numpy(np.cumsum(self.timestep_probs))
+        self._timestep_weights = torch.from_numpy(weights)
         self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[np.ndarray, Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -202,23 +205,22 @@ class GaussianDiffusion:
         if self.timestep_sampling is TimestepSampling.UNIFORM:
             return draws.integers(0, self.num_timesteps, (batch,), device=device, generator=generator)
         u = draws.uniform((batch,), device=device, generator=generator).double()
-        cdf = torch.from_numpy(np.cumsum(self.timestep_probs)).to(u.device)
-        return torch.searchsorted(cdf, u, right=True).clamp(max=self.num_timesteps - 1)
+        return torch.searchsorted(self._timestep_cdf.to(u.device), u, right=True).clamp(max=self.num_timesteps - 1)
 
-    def _timestep_probs(self) -> np.ndarray:
-        """p(t) (float64, sums to 1): uniform, or w_t / Σ w for WEIGHTED (min-SNR or unit weights)."""
+    def _timestep_density(self) -> tuple[np.ndarray, np.ndarray]:
+        """(p(t), 1/(T p(t))), float64: uniform (weights exactly 1), or p ∝ w_t for WEIGHTED, whose
+        weights are w̄/w_t (min-SNR or unit loss weights)."""
         if self.timestep_sampling is TimestepSampling.UNIFORM:
-            return np.full(self.num_timesteps, 1.0 / self.num_timesteps)
+            return np.full(self.num_timesteps, 1.0 / self.num_timesteps), np.ones(self.num_timesteps)
         w = self.loss_weight(torch.arange(self.num_timesteps), torch.float64).numpy()
         if not w.sum() > 0:
             raise ValueError("timestep_sampling 'weighted' needs loss weights with a positive sum")
-        return w / w.sum()
+        return w / w.sum(), w.mean() / w
 
     def importance_weight(self, t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """1/(T p(t)), shape (B,): the factor that makes the mean of per-sample losses at t ~ p(t) an
         unbiased estimate of E_{t~U}[loss_t] (1 for uniform t; w̄/w_t for WEIGHTED)."""
-        probs = torch.from_numpy(self.timestep_probs)[t.long().cpu()]
-        return (1.0 / (self.num_timesteps * probs)).to(dtype=dtype, device=t.device)
+        return self._timestep_weights.to(t.device)[t.long()].to(dtype)
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
