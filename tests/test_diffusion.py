@@ -77,6 +77,24 @@ def test_linear_and_cosine_betas() -> None:
         assert (np.diff(np.cumprod(1 - betas)) < 0).all()
 
 
+@pytest.mark.parametrize("schedule", [Schedule.LINEAR, Schedule.COSINE])
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+def test_schedule_shift_divides_snr_by_shift_squared(schedule: Schedule, shift: float) -> None:
+    """Simple diffusion §3.1: logSNR'(t) = logSNR(t) − 2 log s at every t, and s = 1 is the plain schedule."""
+    plain, shifted = make_betas(schedule, 1000), make_betas(schedule, 1000, shift=shift)
+    np.testing.assert_array_equal(make_betas(schedule, 1000, shift=1.0), plain)
+    log_snr = lambda b: np.log(np.cumprod(1 - b)) - np.log1p(-np.cumprod(1 - b))  # noqa: E731
+    np.testing.assert_allclose(log_snr(shifted) - log_snr(plain), -2 * np.log(shift), atol=1e-6)
+    assert ((shifted > 0) & (shifted < 1)).all() and (np.diff(np.cumprod(1 - shifted)) < 0).all()
+    # the config builds the same process
+    from modules.diffusion.config import DiffusionConfig
+
+    built = DiffusionConfig(schedule=schedule, schedule_shift=shift).build()
+    np.testing.assert_allclose(built.alphas_cumprod, np.cumprod(1 - shifted), rtol=1e-12)
+    with pytest.raises(ValueError, match="shift"):
+        make_betas(schedule, 10, shift=0.0)
+
+
 def test_space_timesteps_specs() -> None:
     steps = space_timesteps(1000, 50)
     assert len(steps) == 50 and steps[0] == 0 and steps[-1] == 999 and steps == sorted(steps)

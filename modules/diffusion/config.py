@@ -31,6 +31,7 @@ class DiffusionConfig:
 
     schedule: Schedule = Schedule.COSINE
     timesteps: int = 1000
+    schedule_shift: float = 1.0  # SNR(t) / shift² at every t (simple diffusion §3.1); > 1: noisier
     objective: Objective = Objective.EPS
     variance: VarianceType = VarianceType.FIXED_SMALL
     loss_weighting: LossWeighting = LossWeighting.NONE
@@ -40,11 +41,12 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         coerce_fields(self)
         check_range("diffusion", "timesteps", self.timesteps, 2, 100_000)
+        check_range("diffusion", "schedule_shift", self.schedule_shift, 1e-3, 1e3)
         check_range("diffusion", "min_snr_gamma", self.min_snr_gamma, 1e-6, 1e6)
 
     def build(self) -> GaussianDiffusion:
         return GaussianDiffusion(
-            make_betas(self.schedule, self.timesteps),
+            make_betas(self.schedule, self.timesteps, self.schedule_shift),
             objective=self.objective,
             variance=self.variance,
             loss_weighting=self.loss_weighting,

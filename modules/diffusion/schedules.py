@@ -4,6 +4,9 @@
   1000/T for other T (as in improved DDPM's code).
 - Cosine schedule: Nichol & Dhariwal 2021 (improved DDPM) eq. 17,
   ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), β_t = min(1 − ᾱ_t/ᾱ_{t−1}, 0.999).
+- SNR shift: Hoogeboom et al. 2023 ("simple diffusion") §3.1, logSNR'(t) = logSNR(t) − 2 log s,
+  i.e. SNR'(t) = SNR(t)/s² and ᾱ'_t = ᾱ_t / (ᾱ_t + s²(1 − ᾱ_t)): s > 1 spends every step at more
+  noise (their s = d/64 for d-pixel images, whose redundant pixels survive more noise).
 - Respacing: Nichol & Dhariwal 2021 §4 — a sub-sequence S of steps keeps ᾱ_{S_i} exactly by
   setting β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}} (ᾱ_{S_{−1}} = 1).
 """
@@ -42,14 +45,24 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     return np.minimum(betas, max_beta)
 
 
-def make_betas(schedule: Schedule | str, num_timesteps: int) -> np.ndarray:
-    """β_1..β_T (float64, shape (T,)) for a named schedule."""
+def shift_snr(betas: np.ndarray, shift: float) -> np.ndarray:
+    """β' whose SNR'(t) = SNR(t)/shift² at every t (Hoogeboom et al. 2023 §3.1); shift 1 returns β."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return betas
+    abar = np.cumprod(1.0 - betas)
+    shifted = abar / (abar + shift**2 * (1.0 - abar))
+    return 1.0 - shifted / np.concatenate([[1.0], shifted[:-1]])
+
+
+def make_betas(schedule: Schedule | str, num_timesteps: int, shift: float = 1.0) -> np.ndarray:
+    """β_1..β_T (float64, shape (T,)) for a named schedule, SNR divided by shift² (`shift_snr`)."""
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
     schedule = Schedule(schedule)
-    if schedule is Schedule.LINEAR:
-        return linear_betas(num_timesteps)
-    return cosine_betas(num_timesteps)
+    betas = linear_betas(num_timesteps) if schedule is Schedule.LINEAR else cosine_betas(num_timesteps)
+    return shift_snr(betas, shift)
 
 
 def _evenly_spaced(start: int, size: int, count: int) -> list[int]:
