@@ -45,6 +45,11 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     return np.minimum(betas, max_beta)
 
 
+def betas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """β_i = 1 − ᾱ_i/ᾱ_{i−1} (ᾱ_{−1} = 1): the β sequence whose running product of (1 − β) is ᾱ."""
+    return 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+
+
 def shift_snr(betas: np.ndarray, shift: float) -> np.ndarray:
     """β' whose SNR'(t) = SNR(t)/shift² at every t (Hoogeboom et al. 2023 §3.1); shift 1 returns β."""
     if shift <= 0:
@@ -52,8 +57,7 @@ def shift_snr(betas: np.ndarray, shift: float) -> np.ndarray:
     if shift == 1.0:
         return betas
     abar = np.cumprod(1.0 - betas)
-    shifted = abar / (abar + shift**2 * (1.0 - abar))
-    return 1.0 - shifted / np.concatenate([[1.0], shifted[:-1]])
+    return betas_from_alphas_cumprod(abar / (abar + shift**2 * (1.0 - abar)))
 
 
 def make_betas(schedule: Schedule | str, num_timesteps: int, shift: float = 1.0) -> np.ndarray:
@@ -128,6 +132,4 @@ def respaced_betas(
     timestep_map = np.array(sorted({int(t) for t in use_timesteps}), dtype=np.int64)
     if timestep_map.size == 0 or timestep_map[0] < 0 or timestep_map[-1] >= len(alphas_cumprod):
         raise ValueError("use_timesteps must be a non-empty subset of range(len(alphas_cumprod))")
-    kept = alphas_cumprod[timestep_map]
-    prev = np.concatenate([[1.0], kept[:-1]])
-    return 1.0 - kept / prev, timestep_map
+    return betas_from_alphas_cumprod(alphas_cumprod[timestep_map]), timestep_map
