@@ -1,8 +1,12 @@
-"""bf16 autocast against fp32 for one training step of the demo's decoder, side by side in one
-process (interleaved rounds, best of each), on the CPU this runs on.
+"""Precision and memory layout of the demo's decoder on this CPU, side by side in one process
+(interleaved rounds, best of each): a training step under fp32 / bf16 autocast, each with the
+U-Net in NCHW (contiguous) or NHWC (channels_last), and one guided sampling evaluation (a batch of
+conditional + null rows) in the same four settings.
 
 The demo trains its decoder under `precision: bf16-mixed` because oneDNN runs bf16 convolutions
-on AMX / AVX512-BF16 units; this prints the ratio on the machine at hand.
+on AMX / AVX512-BF16 units. The layout matters as much: torch's CPU GroupNorm is several times
+slower on channels_last input than on contiguous input, most of all in bf16 (forward and
+backward), which can outweigh oneDNN's preference for NHWC convolutions.
 
     python -m benchmarks.cpu_bf16 [--threads 2] [--rounds 5] [--batch 32]
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
 import open_clip
 import torch
@@ -20,6 +25,15 @@ import yaml
 from modules.stages.decoder import DecoderModule
 
 ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def build(layout: str) -> DecoderModule:
+    """The tiny decoder of experiments/decoder/tiny.yaml (seed 0) in the given layout."""
+    torch.manual_seed(0)
+    cfg = yaml.safe_load((ROOT / "experiments/decoder/tiny.yaml").read_text())["model"]["init_args"]
+    cfg["unet"] = {**cfg["unet"], "channels_last": layout == "nhwc"}
+    return DecoderModule(**cfg)
 
 
 def main() -> None:
@@ -29,33 +43,56 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    cfg = yaml.safe_load((ROOT / "experiments/decoder/tiny.yaml").read_text())["model"]["init_args"]
-    module = DecoderModule(**cfg)
-    size = module.unet.config.image_size
-    batch = {"image": torch.rand(a.batch, 3, size, size) * 2 - 1,
+    modules = {layout: build(layout) for layout in LAYOUTS}
+    size = modules["nchw"].unet.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(a.batch, 3, size, size, generator=gen) * 2 - 1,
              "tokens": open_clip.get_tokenizer("tiny-vit")(["a red circle to the left of a blue square"] * a.batch)}
-    opt = torch.optim.AdamW(module.unet.parameters(), 1e-3)
-    cond = module.condition(batch, drop=True)
+    cond = modules["nchw"].condition(batch, drop=True)
+    t = modules["nchw"].diffusion.sample_timesteps(a.batch, device="cpu")
+    opts = {layout: torch.optim.AdamW(m.unet.parameters(), 1e-3) for layout, m in modules.items()}
 
-    def step(bf16: bool) -> float:
-        start = time.perf_counter()
-        t = module.diffusion.sample_timesteps(a.batch, device=batch["image"].device)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = module.diffusion.training_losses(module.unet, batch["image"], t, model_kwargs=cond)["loss"].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - start
+    def train(layout: str, bf16: bool) -> Callable[[], None]:
+        module, opt = modules[layout], opts[layout]
 
-    step(False), step(True)  # warm-up (oneDNN primitive creation)
-    times: dict[bool, list[float]] = {False: [], True: []}
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = module.diffusion.training_losses(module.unet, batch["image"], t, model_kwargs=cond)["loss"].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    def sample(layout: str, bf16: bool) -> Callable[[], None]:
+        module = modules[layout]
+        guided = {k: torch.cat([v, v]) for k, v in module.unet_kwargs(cond).items()}  # CFG: conditional + null rows
+        x = torch.cat([batch["image"], batch["image"]])
+
+        @torch.no_grad()
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                module.unet(x, torch.cat([t, t]), **guided)
+        return step
+
+    cases = {f"train {'bf16' if bf16 else 'fp32'} {layout}": train(layout, bf16) for bf16 in (False, True) for layout in LAYOUTS}
+    cases.update({f"sample {'bf16' if bf16 else 'fp32'} {layout}": sample(layout, bf16) for bf16 in (False, True) for layout in LAYOUTS})
+    for fn in cases.values():
+        fn()  # warm-up (oneDNN primitive creation)
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(a.rounds):
-        for bf16 in (False, True):
-            times[bf16].append(step(bf16))
-    fp32, bf16 = min(times[False]), min(times[True])
-    print(f"decoder train step, batch {a.batch}, {a.threads} threads, best of {a.rounds}: "
-          f"fp32 {fp32 * 1e3:.0f} ms, bf16 autocast {bf16 * 1e3:.0f} ms, ratio {fp32 / bf16:.2f}x")
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(v) for name, v in times.items()}
+    print(f"demo decoder, batch {a.batch}, {a.threads} threads, best of {a.rounds} interleaved rounds (ms):")
+    for name, sec in best.items():
+        print(f"  {name:<20} {sec * 1e3:7.0f}")
+    for prefix in ("train fp32", "train bf16", "sample fp32", "sample bf16"):
+        print(f"  {prefix}: nhwc / nchw time ratio {best[f'{prefix} nhwc'] / best[f'{prefix} nchw']:.2f}")
+    for kind in ("train", "sample"):
+        print(f"  {kind}: bf16 speed-up nchw {best[f'{kind} fp32 nchw'] / best[f'{kind} bf16 nchw']:.2f}x, "
+              f"nhwc {best[f'{kind} fp32 nhwc'] / best[f'{kind} bf16 nhwc']:.2f}x")
 
 
 if __name__ == "__main__":

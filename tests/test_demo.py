@@ -67,6 +67,9 @@ def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
         ours, theirs = configs[imagen], configs[unclip]
         assert ours.trainer.max_steps == theirs.trainer.max_steps and ours.trainer.precision == theirs.trainer.precision
         assert ours.model.init_args.optimizer.decay_steps == theirs.model.init_args.optimizer.decay_steps
+        assert ours.model.init_args.sampling.precision == theirs.model.init_args.sampling.precision
+    base, decoder = configs["imagen_base"].model.init_args, configs["decoder"].model.init_args
+    assert base.unet.channels_last == decoder.unet.channels_last  # the same kernels per step
 
 
 def test_run_defaults_land_under_the_run_root(tmp_path: Path) -> None:

@@ -184,6 +184,20 @@ def test_manipulations_shapes_and_determinism(saved: Path, monkeypatch):
     assert rec.shape == (2, 3, 16, 16) and np.isfinite(err)
 
 
+def test_manipulations_invert_and_decode_in_the_decoders_precision(saved: Path):
+    """DDIM inversion and the decodes from its x_T run the U-Net in the decoder's sampling precision
+    (both fp32 or both under bf16 autocast), so they stay an inverse pair."""
+    img = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    for precision, autocast in (("FP32", False), ("BF16", True)):
+        pipe = UnCLIPPipeline.load(saved)
+        pipe.decoder.sampling = SamplingConfig(**FAST, precision=precision)
+        seen: list[bool] = []
+        pipe.decoder.unet.register_forward_hook(lambda mod, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+        reconstruction_error(pipe, img, steps=4)
+        text_diff(pipe, img, "a red circle", "a blue circle", num=2, steps=4)
+        assert len(seen) == 16 and set(seen) == {autocast}  # 4 inversion + 4 decode steps, twice
+
+
 def test_unclip_evaluate_on_a_pipeline_dir(saved: Path, tmp_path: Path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square to the left of a green triangle\n")

@@ -69,9 +69,16 @@ class Clipping(str, Enum):
     DYNAMIC = "dynamic"  # Imagen's percentile thresholding
 
 
+class Precision(str, Enum):
+    """The network's arithmetic while sampling; the sampler's own update (x_t -> x_{t-1}) is fp32."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"  # the network's forward under torch.autocast(bfloat16): oneDNN's AMX/AVX512-BF16 on CPU
+
+
 @dataclass
 class SamplingConfig:
-    """How a stage samples: respaced step count, DDIM eta, CFG scale, x0 clipping."""
+    """How a stage samples: respaced step count, DDIM eta, CFG scale, x0 clipping, network precision."""
 
     sampler: Sampler = Sampler.DDIM
     steps: int = 50
@@ -79,6 +86,7 @@ class SamplingConfig:
     guidance_scale: float = 1.0
     clipping: Clipping = Clipping.STATIC
     dynamic_percentile: float = 0.995
+    precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -93,6 +101,20 @@ class SamplingConfig:
         if self.clipping is Clipping.DYNAMIC:
             return functools.partial(dynamic_threshold, percentile=self.dynamic_percentile)
         return None
+
+
+def autocast_model(model: ModelFn, precision: Precision) -> ModelFn:
+    """`model` run under bf16 autocast with its output returned in fp32, so guidance and the
+    sampler's update see fp32 tensors (only the network's convolutions and GEMMs drop to bf16)."""
+    if precision is Precision.FP32:
+        return model
+
+    def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = model(x, t, **kwargs)
+        return out.float()
+
+    return run
 
 
 def guided_model(diffusion: GaussianDiffusion, model: ModelFn, scale: float, drop_keys: Sequence[str]) -> ModelFn:
@@ -118,7 +140,7 @@ def sample(
     """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0 (`gamma`: Γ_n per
     step, for the analytic sampler)."""
     respaced = sampling_process(diffusion, cfg)
-    fn = guided_model(diffusion, model, cfg.guidance_scale, drop_keys)
+    fn = guided_model(diffusion, autocast_model(model, cfg.precision), cfg.guidance_scale, drop_keys)
     common: dict[str, Any] = dict(
         model_kwargs=model_kwargs, clip=cfg.clip_fn(), generator=generator, progress=progress, callback=callback
     )

@@ -12,13 +12,15 @@ static clipping the round trip is no longer the exact inverse wherever x̂0 leav
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from modules.core.images import to_unit
 from modules.diffusion import ddim_invert
-from modules.diffusion.config import Clipping, SamplingConfig, noise
+from modules.diffusion.config import Clipping, SamplingConfig, autocast_model, noise
 from modules.diffusion.schedules import space_timesteps
 from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
 
@@ -48,8 +50,15 @@ def invert(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50) -> tuple[Tenso
     z_i = pipe.clip.encode_image(x0)
     diffusion = pipe.decoder.diffusion
     respaced = diffusion.respaced(space_timesteps(diffusion.num_timesteps, steps))
-    x_T = ddim_invert(respaced, pipe.decoder.unet, x0, model_kwargs=pipe.decoder_kwargs(None, z_i), progress=False)
+    unet = autocast_model(pipe.decoder.unet, pipe.decoder.sampling.precision)  # the decodes' precision
+    x_T = ddim_invert(respaced, unet, x0, model_kwargs=pipe.decoder_kwargs(None, z_i), progress=False)
     return z_i, x_T
+
+
+def _sampling(pipe: UnCLIPPipeline, steps: int, **kwargs: Any) -> SamplingConfig:
+    """A manipulation's decoder sampling: its own steps, eta, guidance and clipping, in the
+    decoder's precision (the same as the inversion's, so the two stay an inverse pair)."""
+    return SamplingConfig(steps=steps, precision=pipe.decoder.sampling.precision, **kwargs)
 
 
 def _decode(pipe: UnCLIPPipeline, z_i: Tensor, x_T: Tensor, sampling: SamplingConfig, seed: int) -> Tensor:
@@ -67,7 +76,7 @@ def reconstruction_error(pipe: UnCLIPPipeline, images: Tensor, steps: int = 50,
     """Invert then decode with eta = 0: reconstructions at decoder size, mean |error| in [0, 1] units
     (`clipping` of the decode; the inversion never clips, so NONE is the exact inverse pair)."""
     z_i, x_T = invert(pipe, images, steps)
-    sampling = SamplingConfig(steps=steps, eta=0.0, guidance_scale=1.0, clipping=clipping)
+    sampling = _sampling(pipe, steps, eta=0.0, guidance_scale=1.0, clipping=clipping)
     rec = pipe.decoder.generate(pipe.decoder_kwargs(None, z_i), sampling=sampling, x_T=x_T)
     rec = to_unit(rec)
     target = to_unit(to_decoder_input(pipe, images))
@@ -80,7 +89,7 @@ def variations(pipe: UnCLIPPipeline, images: Tensor, num: int = 4, eta: float = 
     """`num` variations per image, (B * num, 3, S, S) in [0, 1], image-major."""
     z_i, x_T = invert(pipe, images, steps)
     z_i, x_T = z_i.repeat_interleave(num, 0), x_T.repeat_interleave(num, 0)
-    sampling = SamplingConfig(steps=steps, eta=eta, guidance_scale=guidance_scale, clipping=INVERSE_PAIR)
+    sampling = _sampling(pipe, steps, eta=eta, guidance_scale=guidance_scale, clipping=INVERSE_PAIR)
     return _decode(pipe, z_i, x_T, sampling, seed)
 
 
@@ -95,7 +104,7 @@ def interpolate(pipe: UnCLIPPipeline, image_a: Tensor, image_b: Tensor, num: int
     size = pipe.decoder.unet.config.image_size
     gen = torch.Generator().manual_seed(seed)
     x_T = noise((1, 3, size, size), gen, pipe.device).expand(num, -1, -1, -1).contiguous()
-    return _decode(pipe, z_row, x_T, SamplingConfig(steps=steps, eta=0.0, guidance_scale=guidance_scale), seed)
+    return _decode(pipe, z_row, x_T, _sampling(pipe, steps, eta=0.0, guidance_scale=guidance_scale), seed)
 
 
 @torch.no_grad()
@@ -108,4 +117,4 @@ def text_diff(pipe: UnCLIPPipeline, image: Tensor, base_caption: str, new_captio
     thetas = torch.linspace(0, max_theta, num, device=z_i.device)[:, None]
     z_row = slerp(z_i.expand(num, -1), z_d.expand(num, -1), thetas)
     return _decode(pipe, z_row, x_T.expand(num, -1, -1, -1).contiguous(),
-                   SamplingConfig(steps=steps, eta=0.0, guidance_scale=guidance_scale, clipping=INVERSE_PAIR), seed)
+                   _sampling(pipe, steps, eta=0.0, guidance_scale=guidance_scale, clipping=INVERSE_PAIR), seed)
