@@ -36,6 +36,21 @@ def build(layout: str) -> DecoderModule:
     return DecoderModule(**cfg)
 
 
+def groupnorm_ms(shape: tuple[int, ...], groups: int, bf16: bool, layout: str, rounds: int) -> float:
+    """Best time of one GroupNorm forward + backward on a tensor of `shape` (torch's CPU kernel)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=LAYOUTS[layout]).requires_grad_(True)
+    weight = torch.ones(shape[1], dtype=dtype, requires_grad=True)
+    bias = torch.zeros(shape[1], dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    best = float("inf")
+    for i in range(rounds + 2):  # two warm-up calls
+        start = time.perf_counter()
+        torch.nn.functional.group_norm(x, groups, weight, bias).backward(grad)
+        best = best if i < 2 else min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -93,6 +108,11 @@ def main() -> None:
     for kind in ("train", "sample"):
         print(f"  {kind}: bf16 speed-up nchw {best[f'{kind} fp32 nchw'] / best[f'{kind} bf16 nchw']:.2f}x, "
               f"nhwc {best[f'{kind} fp32 nhwc'] / best[f'{kind} bf16 nhwc']:.2f}x")
+    print(f"GroupNorm forward + backward alone, the decoder's activation shapes (best of {a.rounds * 4}, ms):")
+    for shape, groups in (((a.batch, 48, size, size), 16), ((a.batch, 96, size // 2, size // 2), 32)):
+        cells = [f"{'bf16' if bf16 else 'fp32'} {layout} {groupnorm_ms(shape, groups, bf16, layout, a.rounds * 4):6.2f}"
+                 for bf16 in (False, True) for layout in LAYOUTS]
+        print(f"  {str(shape):<18} " + "   ".join(cells))
 
 
 if __name__ == "__main__":
