@@ -1,7 +1,8 @@
 """Precision and memory layout of the demo's decoder on this CPU, side by side in one process
 (interleaved rounds, best of each): a training step under fp32 / bf16 autocast, each with the
 U-Net in NCHW (contiguous) or NHWC (channels_last), and one guided sampling evaluation (a batch of
-conditional + null rows) in the same four settings.
+conditional + null rows) in the same four settings, the demo upsampler's evaluation at 64 px in fp32 and bf16,
+and GroupNorm alone.
 
 The demo trains its decoder under `precision: bf16-mixed` because oneDNN runs bf16 convolutions
 on AMX / AVX512-BF16 units. The layout matters as much: torch's CPU GroupNorm is several times
@@ -49,6 +50,30 @@ def groupnorm_ms(shape: tuple[int, ...], groups: int, bf16: bool, layout: str, r
         torch.nn.functional.group_norm(x, groups, weight, bias).backward(grad)
         best = best if i < 2 else min(best, time.perf_counter() - start)
     return best * 1e3
+
+
+def upsampler_eval_ms(batch: int, rounds: int) -> dict[bool, float]:
+    """Best time of one U-Net evaluation of the demo's upsampler at its output size, fp32 and bf16
+    autocast interleaved (the upsampler samples without guidance)."""
+    from modules.stages.superres import SuperResModule
+
+    torch.manual_seed(0)
+    cfg = yaml.safe_load((ROOT / "experiments/superres/tiny.yaml").read_text())["model"]["init_args"]
+    module = SuperResModule(**cfg).eval()
+    size, low = module.unet.config.image_size, module.hparams.low_res_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    low_res = torch.rand(batch, 3, low, low, generator=gen) * 2 - 1
+    t = torch.full((batch,), 500)
+    best = {False: float("inf"), True: float("inf")}
+    for i in range(rounds + 1):  # the first round warms up
+        for bf16 in (False, True):
+            start = time.perf_counter()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                module.unet(x, t, low_res=low_res)
+            if i:
+                best[bf16] = min(best[bf16], time.perf_counter() - start)
+    return {k: v * 1e3 for k, v in best.items()}
 
 
 def main() -> None:
@@ -108,6 +133,9 @@ def main() -> None:
     for kind in ("train", "sample"):
         print(f"  {kind}: bf16 speed-up nchw {best[f'{kind} fp32 nchw'] / best[f'{kind} bf16 nchw']:.2f}x, "
               f"nhwc {best[f'{kind} fp32 nhwc'] / best[f'{kind} bf16 nhwc']:.2f}x")
+    print(f"demo upsampler (experiments/superres/tiny.yaml), one U-Net evaluation at 64 px (it samples unguided), batch {a.batch} (ms):")
+    up = upsampler_eval_ms(a.batch, a.rounds)
+    print(f"  fp32 {up[False]:7.0f}   bf16 {up[True]:7.0f}   bf16 speed-up {up[False] / up[True]:.2f}x")
     print(f"GroupNorm forward + backward alone, the decoder's activation shapes (best of {a.rounds * 4}, ms):")
     for shape, groups in (((a.batch, 48, size, size), 16), ((a.batch, 96, size // 2, size // 2), 32)):
         cells = [f"{'bf16' if bf16 else 'fp32'} {layout} {groupnorm_ms(shape, groups, bf16, layout, a.rounds * 4):6.2f}"
