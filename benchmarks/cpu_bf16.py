@@ -15,6 +15,7 @@ backward), which can outweigh oneDNN's preference for NHWC convolutions.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,53 +28,50 @@ from modules.stages.decoder import DecoderModule
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+PRECISIONS = {"fp32": False, "bf16": True}  # name -> under bf16 autocast
+
+
+def init_args(stage: str) -> dict:
+    """`model.init_args` of experiments/<stage>/tiny.yaml."""
+    return yaml.safe_load((ROOT / f"experiments/{stage}/tiny.yaml").read_text())["model"]["init_args"]
 
 
 def build(layout: str) -> DecoderModule:
     """The tiny decoder of experiments/decoder/tiny.yaml (seed 0) in the given layout."""
     torch.manual_seed(0)
-    cfg = yaml.safe_load((ROOT / "experiments/decoder/tiny.yaml").read_text())["model"]["init_args"]
+    cfg = init_args("decoder")
     cfg["unet"] = {**cfg["unet"], "channels_last": layout == "nhwc"}
     return DecoderModule(**cfg)
 
 
-def groupnorm_ms(shape: tuple[int, ...], groups: int, bf16: bool, layout: str, rounds: int) -> float:
-    """Best time of one GroupNorm forward + backward on a tensor of `shape` (torch's CPU kernel)."""
+def groupnorm(shape: tuple[int, ...], groups: int, bf16: bool, layout: str) -> Callable[[], None]:
+    """One GroupNorm forward + backward on a tensor of `shape` (torch's CPU kernel)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=LAYOUTS[layout]).requires_grad_(True)
     weight = torch.ones(shape[1], dtype=dtype, requires_grad=True)
     bias = torch.zeros(shape[1], dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    best = float("inf")
-    for i in range(rounds + 2):  # two warm-up calls
-        start = time.perf_counter()
-        torch.nn.functional.group_norm(x, groups, weight, bias).backward(grad)
-        best = best if i < 2 else min(best, time.perf_counter() - start)
-    return best * 1e3
+    return lambda: torch.nn.functional.group_norm(x, groups, weight, bias).backward(grad)
 
 
-def upsampler_eval_ms(batch: int, rounds: int) -> dict[bool, float]:
-    """Best time of one U-Net evaluation of the demo's upsampler at its output size, fp32 and bf16
-    autocast interleaved (the upsampler samples without guidance)."""
+def upsampler_eval(batch: int) -> Callable[[bool], None]:
+    """One U-Net evaluation of the demo's upsampler at its output size (it samples unguided),
+    fp32 or under bf16 autocast."""
     from modules.stages.superres import SuperResModule
 
     torch.manual_seed(0)
-    cfg = yaml.safe_load((ROOT / "experiments/superres/tiny.yaml").read_text())["model"]["init_args"]
-    module = SuperResModule(**cfg).eval()
+    module = SuperResModule(**init_args("superres")).eval()
     size, low = module.unet.config.image_size, module.hparams.low_res_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen)
     low_res = torch.rand(batch, 3, low, low, generator=gen) * 2 - 1
     t = torch.full((batch,), 500)
-    best = {False: float("inf"), True: float("inf")}
-    for i in range(rounds + 1):  # the first round warms up
-        for bf16 in (False, True):
-            start = time.perf_counter()
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                module.unet(x, t, low_res=low_res)
-            if i:
-                best[bf16] = min(best[bf16], time.perf_counter() - start)
-    return {k: v * 1e3 for k, v in best.items()}
+
+    @torch.no_grad()
+    def run(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            module.unet(x, t, low_res=low_res)
+    return run
 
 
 def main() -> None:
@@ -114,8 +112,16 @@ def main() -> None:
                 module.unet(x, torch.cat([t, t]), **guided)
         return step
 
-    cases = {f"train {'bf16' if bf16 else 'fp32'} {layout}": train(layout, bf16) for bf16 in (False, True) for layout in LAYOUTS}
-    cases.update({f"sample {'bf16' if bf16 else 'fp32'} {layout}": sample(layout, bf16) for bf16 in (False, True) for layout in LAYOUTS})
+    upsample = upsampler_eval(a.batch)
+    norm_shapes = (((a.batch, 48, size, size), 16), ((a.batch, 96, size // 2, size // 2), 32))
+    cases: dict[str, Callable[[], None]] = {}
+    for prec, bf16 in PRECISIONS.items():
+        for layout in LAYOUTS:
+            cases[f"train {prec} {layout}"] = train(layout, bf16)
+            cases[f"sample {prec} {layout}"] = sample(layout, bf16)
+            for shape, groups in norm_shapes:
+                cases[f"groupnorm {shape} {prec} {layout}"] = groupnorm(shape, groups, bf16, layout)
+        cases[f"upsample {prec}"] = functools.partial(upsample, bf16)
     for fn in cases.values():
         fn()  # warm-up (oneDNN primitive creation)
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -125,21 +131,23 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     best = {name: min(v) for name, v in times.items()}
-    print(f"demo decoder, batch {a.batch}, {a.threads} threads, best of {a.rounds} interleaved rounds (ms):")
-    for name, sec in best.items():
-        print(f"  {name:<20} {sec * 1e3:7.0f}")
+    print(f"best of {a.rounds} interleaved rounds, {a.threads} threads")
+    print(f"demo decoder, batch {a.batch} (ms):")
+    for kind in ("train", "sample"):
+        for prec in PRECISIONS:
+            for layout in LAYOUTS:
+                print(f"  {kind} {prec} {layout:<8} {best[f'{kind} {prec} {layout}'] * 1e3:7.0f}")
     for prefix in ("train fp32", "train bf16", "sample fp32", "sample bf16"):
         print(f"  {prefix}: nhwc / nchw time ratio {best[f'{prefix} nhwc'] / best[f'{prefix} nchw']:.2f}")
     for kind in ("train", "sample"):
         print(f"  {kind}: bf16 speed-up nchw {best[f'{kind} fp32 nchw'] / best[f'{kind} bf16 nchw']:.2f}x, "
               f"nhwc {best[f'{kind} fp32 nhwc'] / best[f'{kind} bf16 nhwc']:.2f}x")
     print(f"demo upsampler (experiments/superres/tiny.yaml), one U-Net evaluation at 64 px (it samples unguided), batch {a.batch} (ms):")
-    up = upsampler_eval_ms(a.batch, a.rounds)
-    print(f"  fp32 {up[False]:7.0f}   bf16 {up[True]:7.0f}   bf16 speed-up {up[False] / up[True]:.2f}x")
-    print(f"GroupNorm forward + backward alone, the decoder's activation shapes (best of {a.rounds * 4}, ms):")
-    for shape, groups in (((a.batch, 48, size, size), 16), ((a.batch, 96, size // 2, size // 2), 32)):
-        cells = [f"{'bf16' if bf16 else 'fp32'} {layout} {groupnorm_ms(shape, groups, bf16, layout, a.rounds * 4):6.2f}"
-                 for bf16 in (False, True) for layout in LAYOUTS]
+    up = {prec: best[f"upsample {prec}"] * 1e3 for prec in PRECISIONS}
+    print(f"  fp32 {up['fp32']:7.0f}   bf16 {up['bf16']:7.0f}   bf16 speed-up {up['fp32'] / up['bf16']:.2f}x")
+    print("GroupNorm forward + backward alone, the decoder's activation shapes (ms):")
+    for shape, _ in norm_shapes:
+        cells = [f"{p} {layout} {best[f'groupnorm {shape} {p} {layout}'] * 1e3:6.2f}" for p in PRECISIONS for layout in LAYOUTS]
         print(f"  {str(shape):<18} " + "   ".join(cells))
 
 
