@@ -121,3 +121,57 @@ def test_two_fits_with_one_seed_give_identical_weights(tmp_path: Path, tiny_shar
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in states[0].values())
+
+
+def test_in_process_commands_are_the_cli_commands() -> None:
+    """The demo runs its non-fit steps through the same functions as `unclip COMMAND`."""
+    from modules.cli.demo import _in_process_commands
+    from modules.cli.main import COMMANDS
+
+    table = _in_process_commands()
+    assert table and all(COMMANDS[name] is fn for name, fn in table.items())
+
+
+def test_a_demo_step_in_process_writes_what_a_new_process_writes(tmp_path: Path) -> None:
+    """`generate` run in the demo's process (after other work has moved torch's global RNG) and as
+    `python -m modules.cli generate` in a new process write byte-identical images."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from modules.cli.demo import run_command
+    from modules.networks.clip import FrozenCLIP
+    from modules.networks.unet import UNetConfig
+    from modules.pipelines.unclip import UnCLIPPipeline
+    from modules.stages.decoder import DecoderModule
+
+    torch.manual_seed(0)
+    unet = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(8,), num_head_channels=16)
+    decoder = DecoderModule(unet=unet, clip_model="tiny-vit", sampling={"steps": 3, "guidance_scale": 2.0})
+    with torch.no_grad():  # zero-initialised output layers would make every image the same
+        for p in decoder.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = UnCLIPPipeline(FrozenCLIP("tiny-vit"), decoder).save(tmp_path / "pipe")
+    args = ["generate", "--pipeline", str(pipe), "--prompt", "a red circle", "--prompt", "a blue square to the left of a red circle",
+            "--num-images", "2", "--seed", "3", "--decoder-candidates", "2"]
+    torch.manual_seed(123)
+    torch.rand(7)
+    run_command([*args, "--out", str(tmp_path / "here")])
+    subprocess.run([sys.executable, "-m", "modules.cli", *args, "--out", str(tmp_path / "there")], check=True, cwd=ROOT)
+    names = sorted(p.name for p in (tmp_path / "here").glob("*.png"))
+    assert len(names) == 5  # 2 prompts x 2 images + the grid
+    assert names == sorted(p.name for p in (tmp_path / "there").glob("*.png"))
+    for name in names:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes(), name
+
+
+def test_a_failing_in_process_step_is_the_commands_one_line_error(tmp_path: Path) -> None:
+    from modules.cli.demo import run_command
+    from modules.core.errors import UserError
+
+    with pytest.raises(UserError, match="required: --pipeline, --out"):
+        run_command(["generate", "--prompt", "a red circle"])
+    with pytest.raises(UserError, match="not a pipeline directory"):
+        run_command(["generate", "--pipeline", str(tmp_path), "--prompt", "a red circle", "--out", str(tmp_path / "o")])

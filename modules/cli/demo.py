@@ -5,7 +5,9 @@ pipeline directory -> generated grid + compositional accuracy (with and without 
 evaluation report -> variation / interpolation / text-diff grids (paper §3). Each training stage
 is `unclip fit --config experiments/<stage>/tiny.yaml --config experiments/demo/<stage>.yaml` (the
 demo overlay sets its budget in optimizer steps, never wall time, and its paths) in its own process,
-so the same seed on the same machine and torch build gives the same weights and images. A finished
+so the same seed on the same machine and torch build gives the same weights and images. The other
+steps are the same `unclip` commands run in the demo's own process (`run_command`): a new process
+spends ~9 s importing torch, Lightning and open_clip before it does anything. A finished
 step leaves `<out>/<step>/DONE` and is skipped on the next run (`--force` redoes everything). Each
 step's wall time, and for the training stages their steps and samples/s, go to `<out>/timings.json`.
 """
@@ -60,11 +62,32 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "modules.cli"]
 
 
-def _check(cmd: list[str]) -> None:
+def _run_process(cmd: list[str]) -> None:
     print("+ " + " ".join(cmd), flush=True)
     result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         raise UserError(f"demo step failed (exit {result.returncode}): {' '.join(cmd)}")
+
+
+def _in_process_commands() -> dict[str, Callable[[list[str]], int]]:
+    """The demo's `unclip` commands other than `fit`, by name (as in `modules.cli.main.COMMANDS`)."""
+    from modules.cli import data, embed, evaluate, pipeline
+
+    return {"data": data.main, "embed": embed.main, "pipeline": pipeline.assemble, "generate": pipeline.generate,
+            "evaluate-shapes": evaluate.evaluate_shapes, "evaluate": evaluate.evaluate, "vary": pipeline.vary,
+            "interpolate": pipeline.interpolate, "textdiff": pipeline.textdiff}
+
+
+def run_command(argv: list[str]) -> None:
+    """`unclip ARGV` in this process; a non-zero exit (or argparse's) fails the demo with one line.
+    Every command seeds its own generators, so its output does not depend on what ran before."""
+    print("+ unclip " + " ".join(argv), flush=True)
+    try:
+        status = _in_process_commands()[argv[0]](argv[1:])
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 2
+    if status:
+        raise UserError(f"demo step failed (exit {status}): unclip {' '.join(argv)}")
 
 
 DEFAULT_OUT = Path("runs/demo")  # the paths written in experiments/demo/*.yaml
@@ -95,19 +118,19 @@ class Demo:
                      f"--data.val_shards={shards}/val-*.tar"]
             if stage in ("prior", "decoder"):
                 args.append(f"--model.clip_weights={self.ckpt('clip')}")
-        _check(_python() + args)
+        _run_process(_python() + args)
 
     def steps(self) -> list[Step]:
         return [
-            Step("data", lambda: _check(_python() + ["data", "shapes", "--out", str(self.data), "--num-samples",
-                                                       str(self.num_samples), "--size", "64", "--seed", "0"])),
+            Step("data", lambda: run_command(["data", "shapes", "--out", str(self.data), "--num-samples",
+                                              str(self.num_samples), "--size", "64", "--seed", "0"])),
             Step("clip", lambda: self.fit("clip")),
-            Step("embed", lambda: _check(_python() + ["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
-                                                        "--shards", str(self.data / "*.tar"), "--out", str(self.emb)])),
+            Step("embed", lambda: run_command(["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
+                                               "--shards", str(self.data / "*.tar"), "--out", str(self.emb)])),
             Step("prior", lambda: self.fit("prior")),
             Step("decoder", lambda: self.fit("decoder")),
             Step("superres", lambda: self.fit("superres")),
-            Step("pipeline", lambda: _check(_python() + [
+            Step("pipeline", lambda: run_command([
                 "pipeline", "--clip-model", "tiny-vit", "--clip-weights", self.ckpt("clip"), "--prior", self.ckpt("prior"),
                 "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--out", str(self.pipeline)])),
             Step("generate", self.generate),
@@ -118,16 +141,16 @@ class Demo:
     def generate(self) -> None:
         prompts = self.out / "prompts.txt"
         prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
-        _check(_python() + ["generate", "--pipeline", str(self.pipeline), "--prompts-file", str(prompts),
-                            "--num-images", "4", "--seed", "0", *SAMPLING, "--out", str(self.out / "samples")])
+        run_command(["generate", "--pipeline", str(self.pipeline), "--prompts-file", str(prompts),
+                     "--num-images", "4", "--seed", "0", *SAMPLING, "--out", str(self.out / "samples")])
 
     def evaluate(self) -> None:
         report = self.out / "report"
-        _check(_python() + ["evaluate-shapes", "--pipeline", str(self.pipeline), "--num-prompts", str(self.eval_prompts),
-                            "--no-upsample", *SAMPLING, "--out", str(report)])
-        _check(_python() + ["evaluate", "--pipeline", str(self.pipeline), "--val-shards", str(self.data / "val-*.tar"),
-                            "--num-samples", "32", "--steps", str(SAMPLING_STEPS), "--kid-subset-size", "16",
-                            "--isc-splits", "2", "--out", str(report)])
+        run_command(["evaluate-shapes", "--pipeline", str(self.pipeline), "--num-prompts", str(self.eval_prompts),
+                     "--no-upsample", *SAMPLING, "--out", str(report)])
+        run_command(["evaluate", "--pipeline", str(self.pipeline), "--val-shards", str(self.data / "val-*.tar"),
+                     "--num-samples", "32", "--steps", str(SAMPLING_STEPS), "--kid-subset-size", "16",
+                     "--isc-splits", "2", "--out", str(report)])
 
     def manipulate(self) -> None:
         from datamodules.shapes.scene import draw_scene, layout_scene
@@ -141,12 +164,12 @@ class Demo:
             images.append(str(out / f"in{i}.png"))
             draw_scene(layout_scene(np.random.default_rng(seed), 64, objects, relation), 64).save(images[-1])
         common = ["--pipeline", str(self.pipeline), "--seed", "0"]
-        _check(_python() + ["vary", *common, "--image", images[0], "--image", images[1], "--num-images", "4",
-                            "--out", str(out / "vary")])
-        _check(_python() + ["interpolate", *common, "--image", images[0], "--image", images[1], "--num-images", "6",
-                            "--out", str(out / "interpolate")])
-        _check(_python() + ["textdiff", *common, "--image", images[0], "--base-caption", TEXT_DIFF[0],
-                            "--caption", TEXT_DIFF[1], "--num-images", "5", "--out", str(out / "textdiff")])
+        run_command(["vary", *common, "--image", images[0], "--image", images[1], "--num-images", "4",
+                     "--out", str(out / "vary")])
+        run_command(["interpolate", *common, "--image", images[0], "--image", images[1], "--num-images", "6",
+                     "--out", str(out / "interpolate")])
+        run_command(["textdiff", *common, "--image", images[0], "--base-caption", TEXT_DIFF[0],
+                     "--caption", TEXT_DIFF[1], "--num-images", "5", "--out", str(out / "textdiff")])
         judged = {name: judge_frames(out / name, start, end) for name, start, end in (
             ("interpolate", MANIP_INPUTS[0][0], MANIP_INPUTS[1][0]), ("textdiff", TEXT_DIFF[0], TEXT_DIFF[1]))}
         write_text_atomic(out / "judged.json", json.dumps(judged, indent=2))
