@@ -141,19 +141,9 @@ def test_a_demo_step_in_process_writes_what_a_new_process_writes(tmp_path: Path)
     import torch
 
     from modules.cli.demo import run_command
-    from modules.networks.clip import FrozenCLIP
-    from modules.networks.unet import UNetConfig
-    from modules.pipelines.unclip import UnCLIPPipeline
-    from modules.stages.decoder import DecoderModule
+    from tests.test_pipeline import _pipeline
 
-    torch.manual_seed(0)
-    unet = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                      attention_resolutions=(8,), num_head_channels=16)
-    decoder = DecoderModule(unet=unet, clip_model="tiny-vit", sampling={"steps": 3, "guidance_scale": 2.0})
-    with torch.no_grad():  # zero-initialised output layers would make every image the same
-        for p in decoder.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    pipe = UnCLIPPipeline(FrozenCLIP("tiny-vit"), decoder).save(tmp_path / "pipe")
+    pipe = _pipeline().save(tmp_path / "pipe")
     args = ["generate", "--pipeline", str(pipe), "--prompt", "a red circle", "--prompt", "a blue square to the left of a red circle",
             "--num-images", "2", "--seed", "3", "--decoder-candidates", "2"]
     torch.manual_seed(123)
