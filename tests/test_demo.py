@@ -69,7 +69,9 @@ def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
         assert ours.model.init_args.optimizer.decay_steps == theirs.model.init_args.optimizer.decay_steps
         assert ours.model.init_args.sampling.precision == theirs.model.init_args.sampling.precision
     base, decoder = configs["imagen_base"].model.init_args, configs["decoder"].model.init_args
-    assert base.unet.channels_last == decoder.unet.channels_last  # the same kernels per step
+    for key in ("image_size", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_groups",
+                "channels_last"):  # the same U-Net body and kernels per step
+        assert base.unet[key] == decoder.unet[key], key
 
 
 def test_run_defaults_land_under_the_run_root(tmp_path: Path) -> None:
