@@ -1,8 +1,9 @@
 """What a demo step saves by running in the demo's own process (`modules.cli.demo.run_command`)
-instead of a new `python -m modules.cli` process: the same small `unclip generate` on a pipeline
-directory (one prompt, one image, 2 decoder DDIM steps, its upsamplers as configured), timed both
-ways in interleaved rounds. The difference is a new process's start-up: the interpreter, then
-torch, Lightning and open_clip.
+instead of a new `python -m modules.cli` process. The new-process case runs `unclip generate` on a
+pipeline directory (one prompt, one image, 2 decoder DDIM steps, its upsamplers as configured); the
+in-process case does the same work through the library in this process (load the pipeline,
+generate, save), as `unclip generate` does once its arguments are parsed. Interleaved rounds; the
+difference is a new process's start-up: the interpreter, then torch, Lightning and open_clip.
 
     python -m benchmarks.demo_steps [--pipeline runs/demo/pipeline] [--rounds 5]
 """
@@ -10,6 +11,7 @@ torch, Lightning and open_clip.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -17,9 +19,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from modules.cli.demo import run_command
+from modules.core.images import save_images
+from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT, STEPS = "a red circle", 2
+
+
+def in_process(pipeline: str, out: Path) -> None:
+    pipe = UnCLIPPipeline.load(pipeline)
+    cfg = GenerateConfig(decoder_sampling=dataclasses.replace(pipe.decoder.sampling, steps=STEPS))
+    save_images(pipe.generate([PROMPT], 1, seed=0, config=cfg), out, 1)
+
+
+def new_process(pipeline: str, out: Path) -> None:
+    subprocess.run([sys.executable, "-m", "modules.cli", "generate", "--pipeline", pipeline, "--prompt", PROMPT,
+                    "--num-images", "1", "--steps", str(STEPS), "--out", str(out)],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -27,21 +43,18 @@ def main() -> None:
     p.add_argument("--pipeline", default="runs/demo/pipeline", help="a pipeline directory (`make demo` writes this one)")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
+    cases = {"new process": new_process, "in process": in_process}
+    times: dict[str, list[float]] = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["generate", "--pipeline", a.pipeline, "--prompt", "a red circle", "--num-images", "1", "--steps", "2",
-                "--out", tmp]
-        cases = {"new process": lambda: subprocess.run([sys.executable, "-m", "modules.cli", *argv], check=True, cwd=ROOT,
-                                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-                 "in process": lambda: run_command(argv)}
-        for fn in cases.values():
-            fn()  # warm-up: this process's first call pays its imports once
-        times: dict[str, list[float]] = {name: [] for name in cases}
+        for name, fn in cases.items():
+            fn(a.pipeline, Path(tmp) / name)  # warm-up: this process's first call pays its imports once
         for _ in range(a.rounds):
             for name, fn in cases.items():
                 start = time.perf_counter()
-                fn()
+                fn(a.pipeline, Path(tmp) / name)
                 times[name].append(time.perf_counter() - start)
-    print(f"`unclip {' '.join(argv[:1])}` on {a.pipeline}, {a.rounds} interleaved rounds (s): median [min, max]")
+    print(f"`unclip generate` (1 image, {STEPS} decoder steps) on {a.pipeline}, {a.rounds} interleaved rounds (s): "
+          "median [min, max]")
     for name, t in times.items():
         print(f"  {name:<12} {statistics.median(t):6.2f} [{min(t):.2f}, {max(t):.2f}]")
     saved = statistics.median(times["new process"]) - statistics.median(times["in process"])
