@@ -1,8 +1,9 @@
 """Precision and memory layout of the demo's decoder on this CPU, side by side in one process
 (interleaved rounds, best of each): a training step under fp32 / bf16 autocast, each with the
 U-Net in NCHW (contiguous) or NHWC (channels_last), and one guided sampling evaluation (a batch of
-conditional + null rows) in the same four settings, the demo upsampler's evaluation at 64 px in fp32 and bf16,
-and GroupNorm alone.
+conditional + null rows) in the same four settings, both again in bf16 NCHW at the demo overlay's
+U-Net width (experiments/demo/decoder.yaml), the demo upsampler's evaluation at 64 px in fp32 and
+bf16, and GroupNorm alone.
 
 The demo trains its decoder under `precision: bf16-mixed` because oneDNN runs bf16 convolutions
 on AMX / AVX512-BF16 units. The layout matters as much: torch's CPU GroupNorm is several times
@@ -18,7 +19,7 @@ import argparse
 import functools
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import open_clip
 import torch
@@ -36,12 +37,19 @@ def init_args(stage: str) -> dict:
     return yaml.safe_load((ROOT / f"experiments/{stage}/tiny.yaml").read_text())["model"]["init_args"]
 
 
-def build(layout: str) -> DecoderModule:
-    """The tiny decoder of experiments/decoder/tiny.yaml (seed 0) in the given layout."""
+def build(layout: str, **unet: Any) -> DecoderModule:
+    """The tiny decoder of experiments/decoder/tiny.yaml (seed 0) in the given layout, with any
+    `unet` fields replaced."""
     torch.manual_seed(0)
     cfg = init_args("decoder")
-    cfg["unet"] = {**cfg["unet"], "channels_last": layout == "nhwc"}
+    cfg["unet"] = {**cfg["unet"], **unet, "channels_last": layout == "nhwc"}
     return DecoderModule(**cfg)
+
+
+def demo_width() -> dict[str, Any]:
+    """The U-Net fields experiments/demo/decoder.yaml changes, other than the layout."""
+    overlay = yaml.safe_load((ROOT / "experiments/demo/decoder.yaml").read_text())["model"]["init_args"]["unet"]
+    return {k: v for k, v in overlay.items() if k != "channels_last"}
 
 
 def groupnorm(shape: tuple[int, ...], groups: int, bf16: bool, layout: str) -> Callable[[], None]:
@@ -82,6 +90,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     modules = {layout: build(layout) for layout in LAYOUTS}
+    modules["demo"] = build("nchw", **demo_width())  # the demo overlay's U-Net: narrower, more steps
     size = modules["nchw"].unet.config.image_size
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(a.batch, 3, size, size, generator=gen) * 2 - 1,
@@ -122,6 +131,7 @@ def main() -> None:
             for shape, groups in norm_shapes:
                 cases[f"groupnorm {shape} {prec} {layout}"] = groupnorm(shape, groups, bf16, layout)
         cases[f"upsample {prec}"] = functools.partial(upsample, bf16)
+    cases["train bf16 demo"], cases["sample bf16 demo"] = train("demo", True), sample("demo", True)
     for fn in cases.values():
         fn()  # warm-up (oneDNN primitive creation)
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -132,7 +142,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     best = {name: min(v) for name, v in times.items()}
     print(f"best of {a.rounds} interleaved rounds, {a.threads} threads")
-    print(f"demo decoder, batch {a.batch} (ms):")
+    print(f"tiny.yaml decoder, batch {a.batch} (ms):")
     for kind in ("train", "sample"):
         for prec in PRECISIONS:
             for layout in LAYOUTS:
@@ -142,6 +152,12 @@ def main() -> None:
     for kind in ("train", "sample"):
         print(f"  {kind}: bf16 speed-up nchw {best[f'{kind} fp32 nchw'] / best[f'{kind} bf16 nchw']:.2f}x, "
               f"nhwc {best[f'{kind} fp32 nhwc'] / best[f'{kind} bf16 nhwc']:.2f}x")
+    width = demo_width()
+    print(f"demo overlay's U-Net ({width}, bf16, nchw) against tiny.yaml's (ms): "
+          f"train {best['train bf16 demo'] * 1e3:.0f} / {best['train bf16 nchw'] * 1e3:.0f} "
+          f"({best['train bf16 nchw'] / best['train bf16 demo']:.2f}x), "
+          f"sample {best['sample bf16 demo'] * 1e3:.0f} / {best['sample bf16 nchw'] * 1e3:.0f} "
+          f"({best['sample bf16 nchw'] / best['sample bf16 demo']:.2f}x)")
     print(f"demo upsampler (experiments/superres/tiny.yaml), one U-Net evaluation at 64 px (it samples unguided), batch {a.batch} (ms):")
     up = {prec: best[f"upsample {prec}"] * 1e3 for prec in PRECISIONS}
     print(f"  fp32 {up['fp32']:7.0f}   bf16 {up['bf16']:7.0f}   bf16 speed-up {up['fp32'] / up['bf16']:.2f}x")
