@@ -32,24 +32,23 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 PRECISIONS = {"fp32": False, "bf16": True}  # name -> under bf16 autocast
 
 
-def init_args(stage: str) -> dict:
-    """`model.init_args` of experiments/<stage>/tiny.yaml."""
-    return yaml.safe_load((ROOT / f"experiments/{stage}/tiny.yaml").read_text())["model"]["init_args"]
+def init_args(config: str) -> dict:
+    """`model.init_args` of a YAML under experiments/, e.g. "decoder/tiny.yaml"."""
+    return yaml.safe_load((ROOT / "experiments" / config).read_text())["model"]["init_args"]
 
 
 def build(layout: str, **unet: Any) -> DecoderModule:
     """The tiny decoder of experiments/decoder/tiny.yaml (seed 0) in the given layout, with any
     `unet` fields replaced."""
     torch.manual_seed(0)
-    cfg = init_args("decoder")
+    cfg = init_args("decoder/tiny.yaml")
     cfg["unet"] = {**cfg["unet"], **unet, "channels_last": layout == "nhwc"}
     return DecoderModule(**cfg)
 
 
 def demo_width() -> dict[str, Any]:
     """The U-Net fields experiments/demo/decoder.yaml changes, other than the layout."""
-    overlay = yaml.safe_load((ROOT / "experiments/demo/decoder.yaml").read_text())["model"]["init_args"]["unet"]
-    return {k: v for k, v in overlay.items() if k != "channels_last"}
+    return {k: v for k, v in init_args("demo/decoder.yaml")["unet"].items() if k != "channels_last"}
 
 
 def groupnorm(shape: tuple[int, ...], groups: int, bf16: bool, layout: str) -> Callable[[], None]:
@@ -68,7 +67,7 @@ def upsampler_eval(batch: int) -> Callable[[bool], None]:
     from modules.stages.superres import SuperResModule
 
     torch.manual_seed(0)
-    module = SuperResModule(**init_args("superres")).eval()
+    module = SuperResModule(**init_args("superres/tiny.yaml")).eval()
     size, low = module.unet.config.image_size, module.hparams.low_res_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen)
@@ -90,7 +89,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     modules = {layout: build(layout) for layout in LAYOUTS}
-    modules["demo"] = build("nchw", **demo_width())  # the demo overlay's U-Net: narrower, more steps
+    width = demo_width()
+    modules["demo"] = build("nchw", **width)  # the demo overlay's U-Net: narrower, more steps
     size = modules["nchw"].unet.config.image_size
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(a.batch, 3, size, size, generator=gen) * 2 - 1,
@@ -152,7 +152,6 @@ def main() -> None:
     for kind in ("train", "sample"):
         print(f"  {kind}: bf16 speed-up nchw {best[f'{kind} fp32 nchw'] / best[f'{kind} bf16 nchw']:.2f}x, "
               f"nhwc {best[f'{kind} fp32 nhwc'] / best[f'{kind} bf16 nhwc']:.2f}x")
-    width = demo_width()
     print(f"demo overlay's U-Net ({width}, bf16, nchw) against tiny.yaml's (ms): "
           f"train {best['train bf16 demo'] * 1e3:.0f} / {best['train bf16 nchw'] * 1e3:.0f} "
           f"({best['train bf16 nchw'] / best['train bf16 demo']:.2f}x), "
