@@ -74,6 +74,24 @@ def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
         assert base.unet[key] == decoder.unet[key], key
 
 
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_another_output_root_moves_every_path_a_fit_reads_or_writes(tmp_path: Path, stage: str) -> None:
+    """`unclip demo --out DIR` (ablations): each fit's root, shards, exported embeddings and CLIP
+    weights all resolve under DIR, none under runs/demo."""
+    from tests.test_paper_configs import ParseOnlyCLI
+
+    out = tmp_path / "ablation"
+    args = Demo(out, 10, 10).fit_args(stage)[1:]
+    args = [str(ROOT / a) if a.startswith("experiments/") else a for a in args]
+    config = ParseOnlyCLI(args=args, run=False).config
+    data, model = config.data.init_args, config.model.init_args
+    found = {"default_root_dir": config.trainer.default_root_dir, "train_shards": data.train_shards,
+             "val_shards": data.val_shards, "embeddings": data.get("embeddings"), "clip_weights": model.get("clip_weights")}
+    found = {k: str(v) for k, v in found.items() if v is not None}
+    assert all(v.startswith(str(out)) for v in found.values()), found
+    assert ("embeddings" in found) == (stage == "decoder") and ("clip_weights" in found) == (stage in ("prior", "decoder"))
+
+
 def test_run_defaults_land_under_the_run_root(tmp_path: Path) -> None:
     """A config without logger or checkpoint callbacks gets them from the CLI, all under its root."""
     import lightning.pytorch as pl

@@ -106,9 +106,9 @@ class Demo:
     def ckpt(self, stage: str) -> str:
         return str(self.out / stage / "checkpoints" / "last.ckpt")
 
-    def fit(self, stage: str) -> None:
-        """`unclip fit` with the stage's tiny YAML, its demo overlay, any extra overlays (ablations),
-        and, when the output root is not `runs/demo`, the overlay's paths moved under it."""
+    def fit_args(self, stage: str) -> list[str]:
+        """`unclip fit` arguments: the stage's tiny YAML, its demo overlay, any extra overlays
+        (ablations), and, when the output root is not `runs/demo`, the overlay's paths moved under it."""
         args = ["fit", "--config", f"experiments/{stage}/tiny.yaml", "--config", f"experiments/demo/{stage}.yaml"]
         for extra in self.extra_configs.get(stage, []):
             args += ["--config", extra]
@@ -118,7 +118,12 @@ class Demo:
                      f"--data.val_shards={shards}/val-*.tar"]
             if stage in ("prior", "decoder"):
                 args.append(f"--model.clip_weights={self.ckpt('clip')}")
-        _run_process(_python() + args)
+            if stage == "decoder":  # its images joined with their exported embeddings
+                args.append(f"--data.embeddings={self.emb}")
+        return args
+
+    def fit(self, stage: str) -> None:
+        _run_process(_python() + self.fit_args(stage))
 
     def steps(self) -> list[Step]:
         return [
