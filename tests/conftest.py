@@ -15,6 +15,9 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Processes the tests start (`unclip` subprocesses) share the cores with the other pytest worker: there idle
+# OpenMP threads should sleep, not spin (README). Set after torch loaded OpenMP, so it reaches only children.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(1)
 
 
