@@ -14,7 +14,6 @@ step of the demo overlay's U-Net (experiments/demo/decoder.yaml) on the same 32 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ import torch
 from torchvision.transforms.functional import to_tensor
 
 from benchmarks.cpu_bf16 import build, demo_width
+from benchmarks.harness import print_medians
 from datamodules.shapes.grammar import describe
 from datamodules.shapes.dataset import render_sample
 from modules.stages.conditioning import CONDITION_KEYS
@@ -76,13 +76,10 @@ def main() -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     width = demo_width()["model_channels"]
     print(f"demo decoder training step ({width} base channels, batch {a.batch}, bf16 autocast, {a.threads} threads), "
           f"median of {a.rounds} interleaved rounds (ms) [min, max]:")
-    for name, t in times.items():
-        print(f"  {name:26s} {med[name]:7.1f} [{min(t) * 1e3:.1f}, {max(t) * 1e3:.1f}]")
-    first, second = med.values()
+    first, second = print_medians({name: [x * 1e3 for x in t] for name, t in times.items()}).values()
     print(f"  exported / on the fly: {second / first:.3f} (step {first / second:.2f}x faster on exported embeddings)")
 
 

@@ -317,3 +317,12 @@ def quiet_warnings() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+
+
+def print_medians(ms: dict[str, list[float]], suffix: Callable[[float], str] = lambda med: "") -> dict[str, float]:
+    """One line per case: median [min, max] of its times in ms (and `suffix(median)`); the medians."""
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    width = max(len(name) for name in ms) + 2
+    for name, v in ms.items():
+        print(f"  {name:{width}s} {med[name]:7.1f} [{min(v):.1f}, {max(v):.1f}]{suffix(med[name])}")
+    return med

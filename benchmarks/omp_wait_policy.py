@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.harness import print_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"default (spin, then sleep)": None, "PASSIVE": "PASSIVE"}
@@ -73,10 +74,7 @@ def main() -> None:
                 hog.kill()
     print(f"demo decoder `unclip fit` ({a.busy} busy cores): ms per step = (fit of {long} steps - fit of {short}) / "
           f"{long - short}, median of {a.rounds} alternating rounds [min, max]:")
-    med = {name: statistics.median(v) for name, v in per_step.items()}
-    for name, v in per_step.items():
-        print(f"  {name:28s} {med[name]:7.1f} [{min(v):.1f}, {max(v):.1f}]  ({1e3 / med[name]:.2f} steps/s)")
-    default, passive = med.values()
+    default, passive = print_medians(per_step, lambda med: f"  ({1e3 / med:.2f} steps/s)").values()
     print(f"  PASSIVE / default: {passive / default:.2f}")
 
 
