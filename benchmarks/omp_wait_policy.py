@@ -3,8 +3,8 @@ then sleep) against `OMP_WAIT_POLICY=PASSIVE` (they sleep at once), side by side
 
 OpenMP reads the policy when torch loads it, so every measurement is its own `unclip fit` process
 of the demo decoder (experiments/decoder/tiny.yaml + experiments/demo/decoder.yaml: bf16 autocast,
-exported embeddings, a loader worker, EMA, the callbacks) on small shapes shards written here
-(`unclip data shapes`, `unclip embed` with a random-init CLIP). The time per step is the
+the frozen CLIP in every step (random-init here), a loader worker, EMA, the callbacks) on small shapes shards
+written here (`unclip data shapes`). The time per step is the
 difference between a long and a short fit, divided by their difference in steps, so start-up,
 the final validation and the checkpoint cancel. The two policies alternate over the rounds.
 `--busy N` runs N processes that spin on a core each meanwhile (a machine shared with other work).
@@ -40,13 +40,12 @@ def fit_seconds(work: Path, steps: int, policy: str | None) -> float:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    data, emb = work / "shapes", work / "shapes-emb"
+    data = work / "shapes"
     return unclip(["fit", "--config", "experiments/decoder/tiny.yaml", "--config", "experiments/demo/decoder.yaml",
                    f"--trainer.default_root_dir={work / 'fit'}", f"--trainer.max_steps={steps}",
                    f"--trainer.val_check_interval={steps}", "--trainer.logger=false",
                    "--trainer.enable_progress_bar=false", "--model.clip_weights=null",
-                   f"--data.train_shards={data}/train-*.tar", f"--data.val_shards={data}/val-*.tar",
-                   f"--data.embeddings={emb}"], env)
+                   f"--data.train_shards={data}/train-*.tar", f"--data.val_shards={data}/val-*.tar"], env)
 
 
 def main() -> None:
@@ -59,8 +58,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         unclip(["data", "shapes", "--out", str(work / "shapes"), "--num-samples", "3000", "--size", "64", "--seed", "0"])
-        unclip(["embed", "--clip", "tiny-vit", "--weights", "none", "--shards", str(work / "shapes" / "*.tar"),
-                "--out", str(work / "shapes-emb"), "--no-progress"])
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
         per_step: dict[str, list[float]] = {name: [] for name in POLICIES}
         try:

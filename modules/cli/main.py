@@ -61,7 +61,7 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # OpenMP's wait policy is libgomp's default (idle threads spin briefly, then sleep): on idle cores the
-    # demo decoder's fit took 439 against 1390 ms per step with OMP_WAIT_POLICY=PASSIVE (python -m benchmarks.omp_wait_policy).
+    # demo decoder's fit took 349 against 391 ms per step with OMP_WAIT_POLICY=PASSIVE (python -m benchmarks.omp_wait_policy).
     # On a machine shared with other work, export OMP_WAIT_POLICY=PASSIVE (README).
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
