@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ import open_clip
 import torch
 import yaml
 
+from benchmarks.harness import interleaved_rounds
 from modules.stages.decoder import DecoderModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,14 +132,7 @@ def main() -> None:
                 cases[f"groupnorm {shape} {prec} {layout}"] = groupnorm(shape, groups, bf16, layout)
         cases[f"upsample {prec}"] = functools.partial(upsample, bf16)
     cases["train bf16 demo"], cases["sample bf16 demo"] = train("demo", True), sample("demo", True)
-    for fn in cases.values():
-        fn()  # warm-up (oneDNN primitive creation)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(a.rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_rounds(cases, a.rounds)  # one warm-up pass: oneDNN primitive creation
     best = {name: min(v) for name, v in times.items()}
     print(f"best of {a.rounds} interleaved rounds, {a.threads} threads")
     print(f"tiny.yaml decoder, batch {a.batch} (ms):")

@@ -14,7 +14,6 @@ step of the demo overlay's U-Net (experiments/demo/decoder.yaml) on the same 32 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from torchvision.transforms.functional import to_tensor
 
 from benchmarks.cpu_bf16 import build, demo_width
-from benchmarks.harness import print_medians
+from benchmarks.harness import interleaved_rounds, print_medians
 from datamodules.shapes.grammar import describe
 from datamodules.shapes.dataset import render_sample
 from modules.stages.conditioning import CONDITION_KEYS
@@ -61,23 +60,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    module = build("nchw", **demo_width())
+    width = demo_width()
+    module = build("nchw", **width)
     module.log = lambda *args, **kwargs: None  # no Trainer attached
     raw = shapes_batch(a.batch, module.unet.config.image_size)
     with torch.no_grad():  # what `unclip embed` exports: the frozen CLIP in fp32, outside autocast
         exported = {**raw, **module.conditioner(raw)}
     assert all(k in exported for k in CONDITION_KEYS)
     cases = {"frozen CLIP in the step": step_fn(module, raw), "exported embeddings": step_fn(module, exported)}
-    for run in cases.values():  # warm-up: oneDNN primitive creation, allocator
-        run(), run()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(a.rounds):
-        for name, run in cases.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    width = demo_width()["model_channels"]
-    print(f"demo decoder training step ({width} base channels, batch {a.batch}, bf16 autocast, {a.threads} threads), "
+    times = interleaved_rounds(cases, a.rounds, warmup=2)  # warm-up: oneDNN primitive creation, allocator
+    print(f"demo decoder training step ({width['model_channels']} base channels, batch {a.batch}, bf16 autocast, {a.threads} threads), "
           f"median of {a.rounds} interleaved rounds (ms) [min, max]:")
     first, second = print_medians({name: [x * 1e3 for x in t] for name, t in times.items()}).values()
     print(f"  exported / on the fly: {second / first:.3f} (step {first / second:.2f}x faster on exported embeddings)")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.harness import interleaved_rounds
 from modules.core.images import save_images
 from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
 
@@ -43,16 +44,10 @@ def main() -> None:
     p.add_argument("--pipeline", default="runs/demo/pipeline", help="a pipeline directory (`make demo` writes this one)")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    cases = {"new process": new_process, "in process": in_process}
-    times: dict[str, list[float]] = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in cases.items():
-            fn(a.pipeline, Path(tmp) / name)  # warm-up: this process's first call pays its imports once
-        for _ in range(a.rounds):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                fn(a.pipeline, Path(tmp) / name)
-                times[name].append(time.perf_counter() - start)
+        cases = {name: functools.partial(fn, a.pipeline, Path(tmp) / name)
+                 for name, fn in (("new process", new_process), ("in process", in_process))}
+        times = interleaved_rounds(cases, a.rounds)  # warm-up: this process's first call pays its imports once
     print(f"`unclip generate` (1 image, {STEPS} decoder steps) on {a.pipeline}, {a.rounds} interleaved rounds (s): "
           "median [min, max]")
     for name, t in times.items():

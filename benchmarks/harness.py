@@ -319,6 +319,21 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore")
 
 
+def interleaved_rounds(cases: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds of each case per round, the cases run in turn within every round (so a drift in
+    the machine's speed falls on all of them), after `warmup` untimed passes over all of them."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def print_medians(ms: dict[str, list[float]], suffix: Callable[[float], str] = lambda med: "") -> dict[str, float]:
     """One line per case: median [min, max] of its times in ms (and `suffix(median)`); the medians."""
     med = {name: statistics.median(v) for name, v in ms.items()}

@@ -76,8 +76,8 @@ def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_another_output_root_moves_every_path_a_fit_reads_or_writes(tmp_path: Path, stage: str) -> None:
-    """`unclip demo --out DIR` (ablations): each fit's root, shards, exported embeddings (the prior's)
-    and CLIP weights all resolve under DIR, none under runs/demo."""
+    """`unclip demo --out DIR` (ablations): each fit's root, shards (the prior's are the exported
+    embeddings) and CLIP weights all resolve under DIR, none under runs/demo."""
     from tests.test_paper_configs import ParseOnlyCLI
 
     out = tmp_path / "ablation"
@@ -86,7 +86,7 @@ def test_another_output_root_moves_every_path_a_fit_reads_or_writes(tmp_path: Pa
     config = ParseOnlyCLI(args=args, run=False).config
     data, model = config.data.init_args, config.model.init_args
     found = {"default_root_dir": config.trainer.default_root_dir, "train_shards": data.train_shards,
-             "val_shards": data.val_shards, "embeddings": data.get("embeddings"), "clip_weights": model.get("clip_weights")}
+             "val_shards": data.val_shards, "clip_weights": model.get("clip_weights")}
     found = {k: str(v) for k, v in found.items() if v is not None}
     assert all(v.startswith(str(out)) for v in found.values()), found
     assert ("clip_weights" in found) == (stage in ("prior", "decoder"))
