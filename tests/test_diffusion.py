@@ -22,9 +22,12 @@ from modules.diffusion import (
     discretized_gaussian_log_likelihood,
     dynamic_threshold,
     make_betas,
+    nested_guidance,
     space_timesteps,
     static_clip,
 )
+from modules.core.errors import ConfigError
+from modules.diffusion.config import SamplingConfig, sample
 
 F64 = torch.float64
 
@@ -332,6 +335,48 @@ def test_classifier_free_guidance() -> None:
     two = lambda x, t, **k: torch.cat([model_fn(x, t, **k), -model_fn(x, t, **k)], dim=1)  # noqa: E731
     out = classifier_free_guidance(two, 3.0, drop_keys=keys, variance=VarianceType.LEARNED_RANGE)(x, t, **kw)
     torch.testing.assert_close(out, torch.cat([guided, -cond], dim=1))
+
+
+def test_nested_guidance_against_explicit_passes() -> None:
+    """ε_0 + s_1(ε_1 − ε_0) + s_2(ε_2 − ε_1) with each ε_k from its own call; equal scales = joint CFG."""
+    calls: list[int] = []
+
+    def model_fn(x, t, *, image_emb, drop_image, drop_text):  # an image x caption interaction term
+        calls.append(x.shape[0])
+        img = torch.where(drop_image[:, None], torch.zeros_like(image_emb), image_emb)
+        txt = torch.where(drop_text[:, None], torch.zeros_like(x), torch.ones_like(x) * t[:, None])
+        return 0.5 * x + img + txt + img * txt
+
+    x, t = torch.randn(3, 4, dtype=F64), torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    kw = dict(image_emb=torch.randn(3, 4, dtype=F64), drop_image=no, drop_text=torch.tensor([False, True, False]))
+    eps0 = model_fn(x, t, **{**kw, "drop_image": yes, "drop_text": yes})
+    eps1 = model_fn(x, t, **{**kw, "drop_text": yes})
+    eps2 = model_fn(x, t, **kw)  # row 1's caption stays dropped, as given
+    keys = ("drop_image", "drop_text")
+    calls.clear()
+    out = nested_guidance(model_fn, (2.0, 5.0), drop_keys=keys)(x, t, **kw)
+    assert calls == [9]  # one batched forward over [ε_2; ε_1; ε_0]
+    torch.testing.assert_close(out, eps0 + 2.0 * (eps1 - eps0) + 5.0 * (eps2 - eps1))
+    torch.testing.assert_close(out[1], (eps0 + 2.0 * (eps1 - eps0))[1])  # a dropped caption adds nothing
+    joint = classifier_free_guidance(model_fn, 3.0, drop_keys=keys)(x, t, **kw)
+    torch.testing.assert_close(nested_guidance(model_fn, (3.0, 3.0), drop_keys=keys)(x, t, **kw), joint)
+    two = lambda x, t, **k: torch.cat([model_fn(x, t, **k), -model_fn(x, t, **k)], dim=1)  # noqa: E731
+    out2 = nested_guidance(two, (2.0, 5.0), drop_keys=keys, variance=VarianceType.LEARNED_RANGE)(x, t, **kw)
+    torch.testing.assert_close(out2, torch.cat([out, -eps2], dim=1))  # variance channels from ε_2
+    with pytest.raises(ValueError, match="2 drop keys"):
+        nested_guidance(model_fn, (2.0,), drop_keys=keys)
+
+
+def test_sampling_text_guidance_scale_needs_two_conditions() -> None:
+    d = make(Objective.EPS)
+    model = lambda x, t, **k: torch.zeros_like(x)  # noqa: E731
+    cfg = SamplingConfig(steps=2, guidance_scale=2.0, text_guidance_scale=4.0)
+    with pytest.raises(ConfigError, match="text_guidance_scale"):
+        sample(d, model, torch.randn(2, 3), cfg, model_kwargs={"drop_text": torch.zeros(2, dtype=torch.bool)},
+               drop_keys=("drop_text",))
+    with pytest.raises(ValueError, match="text_guidance_scale"):
+        SamplingConfig(text_guidance_scale=-1.0)
 
 
 def test_guiding_x0_or_v_equals_guiding_eps() -> None:

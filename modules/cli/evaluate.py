@@ -66,8 +66,15 @@ def evaluate_shapes(argv: list[str]) -> int:
     p.add_argument("--no-upsample", action="store_true", help="score at the decoder's resolution")
     p.add_argument("--decoder-candidates", type=count(1, 64), default=1,
                    help="decoder samples per prompt, the best by CLIP score kept (default 1: no reranking)")
+    p.add_argument("--guidance-scale", type=real(0.0, 100.0), default=None,
+                   help="decoder guidance scale (default: the decoder's own)")
+    p.add_argument("--text-guidance-scale", type=real(0.0, 100.0), default=None,
+                   help="nested guidance: the caption's own scale, --guidance-scale then weighs z_i alone "
+                        "(default: the decoder's own, usually joint guidance)")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
+    overrides = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("text_guidance_scale", a.text_guidance_scale))
+                 if v is not None}
     if a.shards:
         captions = val_captions(a.shards, a.num_prompts)
         if not captions:
@@ -77,5 +84,5 @@ def evaluate_shapes(argv: list[str]) -> int:
     pipe = load_pipeline(a.pipeline)
     with new_output(a.out):
         shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample,
-                        decoder_candidates=a.decoder_candidates)
+                        decoder_candidates=a.decoder_candidates, decoder_overrides=overrides)
     return 0

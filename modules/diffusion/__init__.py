@@ -10,7 +10,7 @@ from .gaussian import (
     mean_flat,
     normal_kl,
 )
-from .guidance import classifier_free_guidance, dynamic_threshold, static_clip
+from .guidance import classifier_free_guidance, dynamic_threshold, nested_guidance, static_clip
 from .samplers import ddim_invert, ddim_sample, ddpm_sample
 from .schedules import Schedule, cosine_betas, linear_betas, make_betas, respaced_betas, space_timesteps
 
@@ -30,6 +30,7 @@ __all__ = [
     "dynamic_threshold",
     "linear_betas",
     "make_betas",
+    "nested_guidance",
     "mean_flat",
     "normal_kl",
     "respaced_betas",

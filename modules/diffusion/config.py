@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from modules.core.hparams import check_range, coerce_fields
 
 from .analytic import analytic_ddpm_sample
 from .gaussian import ClipFn, GaussianDiffusion, LossWeighting, ModelFn, Objective, TimestepSampling, VarianceType
-from .guidance import classifier_free_guidance, dynamic_threshold, static_clip
+from .guidance import classifier_free_guidance, dynamic_threshold, nested_guidance, static_clip
 from .samplers import Callback, ddim_sample, ddpm_sample
 from .schedules import Schedule, make_betas, space_timesteps
 
@@ -84,6 +84,9 @@ class SamplingConfig:
     steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
+    # Nested guidance (modules/diffusion/guidance.py): the last condition's own scale (the decoder's
+    # caption, added after z_i), guidance_scale for the others. None: joint guidance at guidance_scale.
+    text_guidance_scale: Optional[float] = None
     clipping: Clipping = Clipping.STATIC
     dynamic_percentile: float = 0.995
     precision: Precision = Precision.FP32
@@ -93,6 +96,8 @@ class SamplingConfig:
         check_range("sampling", "steps", self.steps, 1, 100_000)
         check_range("sampling", "eta", self.eta, 0.0, 1.0)
         check_range("sampling", "guidance_scale", self.guidance_scale, 0.0, 1000.0)
+        if self.text_guidance_scale is not None:
+            check_range("sampling", "text_guidance_scale", self.text_guidance_scale, 0.0, 1000.0)
         check_range("sampling", "dynamic_percentile", self.dynamic_percentile, 0.5, 1.0)
 
     def clip_fn(self) -> ClipFn | None:
@@ -117,8 +122,16 @@ def autocast_model(model: ModelFn, precision: Precision) -> ModelFn:
     return run
 
 
-def guided_model(diffusion: GaussianDiffusion, model: ModelFn, scale: float, drop_keys: Sequence[str]) -> ModelFn:
-    """`model` wrapped in classifier-free guidance, unless the scale is 1 or nothing can drop."""
+def guided_model(diffusion: GaussianDiffusion, model: ModelFn, scale: float, drop_keys: Sequence[str],
+                 text_scale: float | None = None) -> ModelFn:
+    """`model` wrapped in classifier-free guidance, unless the scale is 1 or nothing can drop; with
+    `text_scale`, nested guidance whose last condition (`drop_keys[-1]`) has that scale."""
+    if text_scale is not None:
+        if len(drop_keys) < 2:
+            raise ConfigError(f"sampling.text_guidance_scale: needs a model with two droppable conditions, "
+                              f"this one has {list(drop_keys)}")
+        scales = [scale] * (len(drop_keys) - 1) + [text_scale]
+        return nested_guidance(model, scales, drop_keys=drop_keys, variance=diffusion.variance)
     if scale == 1.0 or not drop_keys:
         return model
     return classifier_free_guidance(model, scale, drop_keys=drop_keys, variance=diffusion.variance)
@@ -140,7 +153,7 @@ def sample(
     """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0 (`gamma`: Γ_n per
     step, for the analytic sampler)."""
     respaced = sampling_process(diffusion, cfg)
-    fn = guided_model(diffusion, autocast_model(model, cfg.precision), cfg.guidance_scale, drop_keys)
+    fn = guided_model(diffusion, autocast_model(model, cfg.precision), cfg.guidance_scale, drop_keys, cfg.text_guidance_scale)
     common: dict[str, Any] = dict(
         model_kwargs=model_kwargs, clip=cfg.clip_fn(), generator=generator, progress=progress, callback=callback
     )

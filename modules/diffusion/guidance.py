@@ -8,6 +8,11 @@
   (1 − s) + s sum to 1, so convert → guide → convert back gives the same result. Guiding the
   raw output also keeps the wrapper independent of the schedule tables and of respacing.
   Clipping of x̂_0 happens after guidance, in ``GaussianDiffusion.p_mean_variance``.
+- Per-condition ("nested") guidance for a model with several droppable conditions c_1..c_K
+  (InstructPix2Pix, Brooks et al. 2023 eq. 3, for K = 2): with ε_k the prediction given the first
+  k conditions and the rest dropped, ε̂ = ε_0 + Σ_k s_k·(ε_k − ε_{k−1}). Equal scales telescope to
+  classifier-free guidance on all conditions jointly; the unCLIP decoder's order is (z_i, caption),
+  so s_2 weighs what the caption adds to the image embedding (binding, relations).
 - Static clipping of x̂_0 to [−1, 1] (DDPM's sampler) and dynamic thresholding (Imagen,
   Saharia et al. 2022 §2.3): s = max(1, p-th percentile of |x̂_0| per sample),
   x̂_0 ← clamp(x̂_0, −s, s)/s.
@@ -22,13 +27,6 @@ import torch
 from torch import Tensor
 
 from .gaussian import ModelFn, VarianceType
-
-
-def _double(value: Any, batch: int) -> Any:
-    """[v; v] for tensors with a batch dimension; anything else passes through unchanged."""
-    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return torch.cat([value, value], dim=0)
-    return value
 
 
 def classifier_free_guidance(
@@ -47,7 +45,7 @@ def classifier_free_guidance(
 
     def guided(x: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
         batch = x.shape[0]
-        kwargs = {k: _double(v, batch) for k, v in model_kwargs.items() if k not in drop_keys}
+        kwargs = {k: _repeat(v, batch, 2) for k, v in model_kwargs.items() if k not in drop_keys}
         for key in drop_keys:
             cond_mask = model_kwargs.get(key)
             if cond_mask is None:
@@ -62,6 +60,50 @@ def classifier_free_guidance(
         return uncond + scale * (cond - uncond)
 
     return guided
+
+
+def nested_guidance(
+    model_fn: ModelFn, scales: Sequence[float], *, drop_keys: Sequence[str],
+    variance: VarianceType = VarianceType.FIXED_SMALL,
+) -> ModelFn:
+    """Wrap ``model_fn(x, t, **kw)`` so it returns ε_0 + Σ_k scales[k-1]·(ε_k − ε_{k−1}).
+
+    ``drop_keys`` (K boolean drop masks, in the order the conditions are added) and ``scales`` (K)
+    pair up; ε_k keeps the first k conditions as given (a missing mask: kept) and drops the rest.
+    One batched forward pass runs over the K + 1 settings [ε_K; ...; ε_0]. With learned variance
+    only the first C channels are guided; the variance channels come from ε_K.
+    """
+    if len(scales) != len(drop_keys) or not drop_keys:
+        raise ValueError(f"nested guidance: {len(scales)} scales for {len(drop_keys)} drop keys")
+
+    def guided(x: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
+        batch, n = x.shape[0], len(drop_keys) + 1
+        kwargs = {k: _repeat(v, batch, n) for k, v in model_kwargs.items() if k not in drop_keys}
+        ones = torch.ones(batch, dtype=torch.bool, device=x.device)
+        for i, key in enumerate(drop_keys):
+            given = model_kwargs.get(key)
+            kept = ones.logical_not() if given is None else given.to(torch.bool)
+            # setting j (j = K..0) keeps the first j conditions: key i is kept iff i < j
+            kwargs[key] = torch.cat([kept if i < j else ones for j in range(n - 1, -1, -1)])
+        out = model_fn(x.repeat(n, *(1,) * (x.ndim - 1)), t.repeat(n), **kwargs)
+        eps = list(reversed(out.chunk(n)))  # eps[k] = ε_k
+        var = None
+        if variance is VarianceType.LEARNED_RANGE:
+            var = eps[-1].chunk(2, dim=1)[1]
+            eps = [e.chunk(2, dim=1)[0] for e in eps]
+        guided_eps = eps[0]
+        for k, scale in enumerate(scales, start=1):
+            guided_eps = guided_eps + scale * (eps[k] - eps[k - 1])
+        return guided_eps if var is None else torch.cat([guided_eps, var], dim=1)
+
+    return guided
+
+
+def _repeat(value: Any, batch: int, n: int) -> Any:
+    """n stacked copies along dim 0 of tensors with a batch dimension; anything else unchanged."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value.repeat(n, *(1,) * (value.ndim - 1))
+    return value
 
 
 def static_clip(x0: Tensor) -> Tensor:
