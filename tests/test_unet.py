@@ -335,6 +335,50 @@ def test_attention_matches_naive_softmax(channels_last: bool):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cross_attention_block_matches_naive_softmax():
+    """self_attention=False: each position attends to the (masked) context tokens only."""
+    torch.manual_seed(0)
+    C, heads, S = 16, 2, 4
+    block = randomize_zero_init(AttentionBlock(C, num_head_channels=8, num_groups=8, context_dim=12, self_attention=False))
+    assert block.qkv.weight.shape == (C, C)  # queries only
+    x, context = torch.randn(2, C, 3, 5), torch.randn(2, S, 12)
+    mask = torch.tensor([[False, True, True, False], [True] * S])
+    out = block(x, Conditioning(torch.zeros(2, 1), context, mask))
+    d, T = C // heads, 15
+    q = block.norm(x).flatten(2).transpose(1, 2) @ block.qkv.weight.T + block.qkv.bias  # (B, T, C)
+    ck, cv = (context @ block.context_kv.weight.T + block.context_kv.bias).split(C, dim=-1)
+    split = lambda z: z.reshape(2, z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    scores = (split(q) @ split(ck).transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask[:, None, None], float("-inf"))
+    heads_out = (scores.softmax(-1) @ split(cv)).transpose(1, 2).reshape(2, T, C)
+    ref = x + (heads_out @ block.proj.weight.T + block.proj.bias).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        AttentionBlock(C, num_head_channels=8, num_groups=8, self_attention=False)
+
+
+def test_cross_attention_resolutions_let_the_top_level_read_the_caption():
+    """With the 16 px self-attention and the pooled caption cut off, a caption token reaches the
+    output through the 32 px cross-attention blocks, and through nothing else."""
+    model = build(tiny_config(cross_attention_resolutions=(32,)))
+    crosses = [m for m in model.modules() if isinstance(m, AttentionBlock) and not m.self_attention]
+    assert len(crosses) == 3  # one down block and two up blocks at the 32 px level
+    assert sum(isinstance(m, AttentionBlock) for m in build(tiny_config()).modules()) + 3 == \
+        sum(isinstance(m, AttentionBlock) for m in model.modules())
+    silence = lambda *layers: [torch.nn.init.zeros_(p) for layer in layers for p in layer.parameters()]  # noqa: E731
+    silence(model.conditioner.text_to_emb, *(m.proj for m in model.modules() if isinstance(m, AttentionBlock) and m.self_attention))
+    kw = inputs()
+    changed = kw["text_tokens"].clone()
+    changed[1, 0] += 1.0
+    with torch.no_grad():
+        a, b = run(model, kw), run(model, kw, text_tokens=changed)
+        silence(*(m.proj for m in crosses))
+        c, d = run(model, kw), run(model, kw, text_tokens=changed)
+    assert (a[1] - b[1]).abs().max() > 1e-4 and torch.equal(a[0], b[0])
+    assert torch.equal(c, d)
+    with pytest.raises(ValueError, match="cross_attention_resolutions"):
+        UNet(tiny_config(cross_attention_resolutions=(32,), image_embed_dim=None, text_embed_dim=None))
+
+
 def test_channels_last_input_gives_same_output():
     model, kw = build(tiny_config()), inputs()
     with torch.no_grad():

@@ -39,7 +39,9 @@ class UNetConfig:
     """U-Net hyper-parameters (plain types, so LightningCLI/jsonargparse builds it from YAML).
 
     ``attention_resolutions`` are pixel resolutions (e.g. (32, 16, 8) for a 64 px model); the
-    middle block has attention iff this tuple is non-empty. ``image_embed_dim`` /
+    middle block has attention iff this tuple is non-empty. ``cross_attention_resolutions``: other
+    resolutions whose blocks attend to the conditioning tokens only (no spatial self-attention;
+    cheap at high resolution). ``image_embed_dim`` /
     ``text_embed_dim`` set to None switch that conditioning off. ``context_dim`` defaults to
     ``model_channels * max(channel_mult)``. GroupNorm uses gcd(num_groups, channels) groups.
     ``text_layers`` > 0 trains a caption encoder with the U-Net, as GLIDE's decoder does (Nichol
@@ -56,6 +58,8 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
     num_res_blocks: Union[int, tuple[int, ...]] = 2  # down-path count for every level, or one per level
     attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    # resolutions (not in attention_resolutions) whose blocks attend to the context tokens only
+    cross_attention_resolutions: tuple[int, ...] = ()
     num_head_channels: int = 64
     dropout: float = 0.0
     use_checkpoint: bool = False
@@ -75,6 +79,7 @@ class UNetConfig:
             raise ValueError("conv_before_upsample reorders the Upsample block; resblock_updown has none")
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        self.cross_attention_resolutions = tuple(self.cross_attention_resolutions)
         if not isinstance(self.num_res_blocks, int):
             self.num_res_blocks = tuple(self.num_res_blocks)
             if len(self.num_res_blocks) != len(self.channel_mult):
@@ -232,6 +237,8 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = c = config
+        if c.cross_attention_resolutions and not c.has_context:
+            raise ConfigError("unet.cross_attention_resolutions: the U-Net has no conditioning tokens to attend to")
         mc, emb_dim = c.model_channels, c.time_embed_dim
         self.time_embed = nn.Sequential(
             Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim)
@@ -266,14 +273,24 @@ class UNet(nn.Module):
             recompute_norms=c.recompute_norms,
         )
 
-    def _attn(self, ch: int) -> AttentionBlock:
+    def _attn(self, ch: int, self_attention: bool = True) -> AttentionBlock:
         c = self.config
         return AttentionBlock(
             ch,
             num_head_channels=c.num_head_channels,
             num_groups=c.num_groups,
             context_dim=c.context_dim if c.has_context else None,
+            self_attention=self_attention,
         )
+
+    def _attn_layers(self, ch: int, resolution: int) -> list[nn.Module]:
+        """The attention block a res block at this pixel resolution is followed by, if any."""
+        c = self.config
+        if resolution in c.attention_resolutions:
+            return [self._attn(ch)]
+        if resolution in c.cross_attention_resolutions:
+            return [self._attn(ch, self_attention=False)]
+        return []
 
     def _build_down(self) -> tuple[nn.ModuleList, list[int], int]:
         c = self.config
@@ -283,8 +300,7 @@ class UNet(nn.Module):
             for _ in range(n_blocks):
                 layers: list[nn.Module] = [self._res(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
-                if c.image_size // ds in c.attention_resolutions:
-                    layers.append(self._attn(ch))
+                layers += self._attn_layers(ch, c.image_size // ds)
                 blocks.append(CondSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -302,8 +318,7 @@ class UNet(nn.Module):
                 out = mult * c.model_channels
                 layers: list[nn.Module] = [self._res(ch + skip_channels.pop(), out)]
                 ch = out
-                if c.image_size // ds in c.attention_resolutions:
-                    layers.append(self._attn(ch))
+                layers += self._attn_layers(ch, c.image_size // ds)
                 if level and i == n_blocks:
                     up = self._res(ch, ch, Resample.UP) if c.resblock_updown else Upsample(ch, c.conv_before_upsample)
                     layers.append(up)

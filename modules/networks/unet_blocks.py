@@ -178,6 +178,12 @@ class AttentionBlock(nn.Module):
     concatenates them in front of the spatial keys/values, so every position attends to
     [context tokens, all positions]. Spatial keys are always visible, hence no softmax row is
     ever fully masked. Heads have ``num_head_channels`` channels each (at least one head).
+
+    ``self_attention=False`` makes it a cross-attention block: positions attend to the context
+    tokens only (Stable Diffusion's and Imagen's text cross-attention), which costs H·W·S instead
+    of (H·W)² and so can run at the high resolutions where the objects' shapes are drawn. The
+    context always has a visible token (the image tokens, or the null caption), so no row is
+    fully masked.
     """
 
     def __init__(
@@ -187,13 +193,17 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = 64,
         num_groups: int = 32,
         context_dim: Optional[int] = None,
+        self_attention: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = max(1, channels // num_head_channels)
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
+        if not (self_attention or context_dim):
+            raise ValueError("a cross-attention block (self_attention=False) needs a context_dim")
+        self.self_attention = self_attention
         self.norm = group_norm(channels, num_groups)
-        self.qkv = Linear(channels, 3 * channels)
+        self.qkv = Linear(channels, (3 if self_attention else 1) * channels)  # q, k, v (or q only)
         self.context_kv = Linear(context_dim, 2 * channels) if context_dim else None
         self.proj = zero_module(Linear(channels, channels))
 
@@ -201,16 +211,20 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         T, nh = H * W, self.num_heads
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, T, C)  # (B, T, C); a view if NHWC
-        qkv = self.qkv(tokens).view(B, T, 3, nh, C // nh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
+        if self.self_attention:
+            q, k, v = self.qkv(tokens).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
+        else:
+            if cond.context is None:
+                raise ValueError("a cross-attention block needs the context tokens")
+            q, k, v = self.qkv(tokens).view(B, T, nh, C // nh).transpose(1, 2), None, None  # q (B, nh, T, d)
         mask = None
         if self.context_kv is not None and cond.context is not None:
-            S = cond.context.shape[1]
+            S, spatial = cond.context.shape[1], T if self.self_attention else 0
             ck, cv = self.context_kv(cond.context).view(B, S, 2, nh, C // nh).permute(2, 0, 3, 1, 4)
-            k = torch.cat([ck, k], dim=2)  # (B, nh, S + T, d)
-            v = torch.cat([cv, v], dim=2)
+            k = ck if k is None else torch.cat([ck, k], dim=2)  # (B, nh, S [+ T], d)
+            v = cv if v is None else torch.cat([cv, v], dim=2)
             if cond.context_mask is not None:
-                mask = F.pad(cond.context_mask, (0, T), value=True)[:, None, None, :]  # (B,1,1,S+T)
+                mask = F.pad(cond.context_mask, (0, spatial), value=True)[:, None, None, :]  # (B,1,1,S [+ T])
         out = attention(q, k, v, attn_mask=mask)  # (B, nh, T, d)
         out = self.proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         out = out.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
