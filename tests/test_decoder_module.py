@@ -77,6 +77,18 @@ def test_cfg_dropout_rates():
     assert not m.condition(batch, drop=False)["drop_image"].any()
 
 
+def test_image_embed_noise_only_in_training_and_keeps_unit_norm():
+    batch = _batch()
+    clean = _module().condition(batch, drop=False)["image_embed"]
+    m = _module(image_embed_noise=0.05, drop_image_prob=0.0)
+    torch.manual_seed(0)
+    noisy = m.condition(batch, drop=True)["image_embed"]
+    torch.testing.assert_close(noisy.norm(dim=-1), torch.ones(len(noisy)))
+    cos = (noisy * clean).sum(-1)
+    assert (cos < 1 - 1e-3).all() and (cos > 0.8).all(), cos  # moved, by about σ·√D = 0.4 before renormalising
+    torch.testing.assert_close(m.condition(batch, drop=False)["image_embed"], clean)  # never at validation / sampling
+
+
 def _perturbed(m: DecoderModule) -> DecoderModule:
     """Zero-initialised output layers make a fresh U-Net ignore its input; wake them up."""
     g = torch.Generator().manual_seed(5)

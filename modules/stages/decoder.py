@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from modules.core import draws, optim
@@ -42,6 +43,8 @@ class DecoderModule(pl.LightningModule):
             `condition_on_image=False`. None: CLIP.
         condition_on_image / condition_on_text: switch either conditioning off.
         drop_image_prob / drop_text_prob: CFG dropout rates (paper: 10% and 50%).
+        image_embed_noise: σ of Gaussian noise added to each component of the unit-norm z_i in
+            training, renormalised after (conditioning augmentation; 0: none, as in the paper).
         val_timesteps: fixed timesteps at which the validation loss is measured.
     """
 
@@ -58,6 +61,7 @@ class DecoderModule(pl.LightningModule):
         optimizer: optim.OptimConfig | None = None,
         drop_image_prob: float = 0.1,
         drop_text_prob: float = 0.5,
+        image_embed_noise: float = 0.0,
         val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
         seed: int = 0,
     ) -> None:
@@ -110,7 +114,10 @@ class DecoderModule(pl.LightningModule):
         ref = cond["image_embed"] if "image_embed" in cond else cond["text_tokens"]
         batch_size, device = ref.shape[0], ref.device
         if hp.condition_on_image:
-            kwargs["image_embed"] = cond["image_embed"]
+            z_i = cond["image_embed"]
+            if drop and hp.image_embed_noise:
+                z_i = F.normalize(z_i + hp.image_embed_noise * draws.normal(z_i.shape, device=device), dim=-1)
+            kwargs["image_embed"] = z_i
             kwargs["drop_image"] = draws.uniform((batch_size,), device=device) < (hp.drop_image_prob if drop else 0.0)
         if hp.condition_on_text:
             kwargs.update(text_unet_kwargs(cond, hp.drop_text_prob if drop else 0.0))
