@@ -40,26 +40,10 @@ def classifier_free_guidance(
     ``("drop_image", "drop_text")``, shape (B,), True = use the learned null embedding) are set
     all-True for the uncond half (the cond half keeps the given masks, or all-False if absent).
     With learned variance (2C output channels on dim 1) only the first C prediction channels are
-    guided; the variance channels come from the conditional half.
+    guided; the variance channels come from the conditional half. This is nested guidance with
+    all the drop keys as one condition.
     """
-
-    def guided(x: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
-        batch = x.shape[0]
-        kwargs = {k: _repeat(v, batch, 2) for k, v in model_kwargs.items() if k not in drop_keys}
-        for key in drop_keys:
-            cond_mask = model_kwargs.get(key)
-            if cond_mask is None:
-                cond_mask = torch.zeros(batch, dtype=torch.bool, device=x.device)
-            kwargs[key] = torch.cat([cond_mask.to(torch.bool), torch.ones_like(cond_mask, dtype=torch.bool)])
-        out = model_fn(torch.cat([x, x]), torch.cat([t, t]), **kwargs)  # (2B, ...)
-        cond, uncond = out[:batch], out[batch:]
-        if variance is VarianceType.LEARNED_RANGE:
-            cond_pred, cond_var = cond.chunk(2, dim=1)
-            uncond_pred, _ = uncond.chunk(2, dim=1)
-            return torch.cat([uncond_pred + scale * (cond_pred - uncond_pred), cond_var], dim=1)
-        return uncond + scale * (cond - uncond)
-
-    return guided
+    return _nested(model_fn, [scale], [tuple(drop_keys)], variance)
 
 
 def nested_guidance(
@@ -75,17 +59,26 @@ def nested_guidance(
     """
     if len(scales) != len(drop_keys) or not drop_keys:
         raise ValueError(f"nested guidance: {len(scales)} scales for {len(drop_keys)} drop keys")
+    return _nested(model_fn, scales, [(key,) for key in drop_keys], variance)
+
+
+def _nested(model_fn: ModelFn, scales: Sequence[float], groups: Sequence[tuple[str, ...]],
+            variance: VarianceType) -> ModelFn:
+    """ε_0 + Σ_k scales[k-1]·(ε_k − ε_{k−1}), where condition k is the group of drop masks
+    ``groups[k-1]`` and ε_k keeps the first k groups as given; one pass over [ε_K; ...; ε_0]."""
+    dropped = {key for group in groups for key in group}
 
     def guided(x: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
-        batch, n = x.shape[0], len(drop_keys) + 1
-        kwargs = {k: _repeat(v, batch, n) for k, v in model_kwargs.items() if k not in drop_keys}
+        batch, n = x.shape[0], len(groups) + 1
+        kwargs = {k: _repeat(v, batch, n) for k, v in model_kwargs.items() if k not in dropped}
         ones = torch.ones(batch, dtype=torch.bool, device=x.device)
-        for i, key in enumerate(drop_keys):
-            given = model_kwargs.get(key)
-            kept = ones.logical_not() if given is None else given.to(torch.bool)
-            # setting j (j = K..0) keeps the first j conditions: key i is kept iff i < j
-            kwargs[key] = torch.cat([kept if i < j else ones for j in range(n - 1, -1, -1)])
-        out = model_fn(x.repeat(n, *(1,) * (x.ndim - 1)), t.repeat(n), **kwargs)
+        for g, group in enumerate(groups):
+            for key in group:
+                given = model_kwargs.get(key)
+                kept = ones.logical_not() if given is None else given.to(torch.bool)
+                # setting j (j = K..0) keeps the first j groups: group g is kept iff g < j
+                kwargs[key] = torch.cat([kept if g < j else ones for j in range(n - 1, -1, -1)])
+        out = model_fn(_repeat(x, batch, n), _repeat(t, batch, n), **kwargs)
         eps = list(reversed(out.chunk(n)))  # eps[k] = ε_k
         var = None
         if variance is VarianceType.LEARNED_RANGE:
