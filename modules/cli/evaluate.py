@@ -73,8 +73,8 @@ def evaluate_shapes(argv: list[str]) -> int:
                         "(default: the decoder's own, usually joint guidance)")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
-    overrides = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("text_guidance_scale", a.text_guidance_scale))
-                 if v is not None}
+    overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance_scale),
+                                   ("text_guidance_scale", a.text_guidance_scale)) if v is not None}
     if a.shards:
         captions = val_captions(a.shards, a.num_prompts)
         if not captions:
@@ -83,6 +83,6 @@ def evaluate_shapes(argv: list[str]) -> int:
         captions = evaluation_captions(num_single=a.num_prompts // 3, num_pairs=a.num_prompts // 3, seed=a.seed)
     pipe = load_pipeline(a.pipeline)
     with new_output(a.out):
-        shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, steps=a.steps, upsample=not a.no_upsample,
+        shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, upsample=not a.no_upsample,
                         decoder_candidates=a.decoder_candidates, decoder_overrides=overrides)
     return 0

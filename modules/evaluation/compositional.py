@@ -34,33 +34,31 @@ def val_captions(pattern: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0, steps: int | None = None,
-          upsample: bool = True, decoder_candidates: int = 1,
-          decoder_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0, upsample: bool = True,
+          decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate one image per caption and score it; returns (accuracy table + rows, images).
-    `steps` and `decoder_overrides` (SamplingConfig fields) replace the decoder's own sampling."""
-    overrides = {**({"steps": steps} if steps else {}), **(decoder_overrides or {})}
-    sampling = dataclasses.replace(pipe.decoder.sampling, **overrides) if overrides else None
+    `decoder_overrides` (SamplingConfig fields, e.g. steps) replace the decoder's own sampling."""
+    sampling = dataclasses.replace(pipe.decoder.sampling, **decoder_overrides) if decoder_overrides else None
     cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates)
     images = pipe.generate(captions, 1, seed=seed, config=cfg)
     rows = [evaluate_image(img, cap) for img, cap in zip(images, captions)]
     return {"table": accuracy_table(rows), "rows": rows}, images
 
 
-def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, seed: int = 0, steps: int | None = None,
-                    upsample: bool = True, decoder_candidates: int = 1,
-                    decoder_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, seed: int = 0, upsample: bool = True,
+                    decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score `captions` with and without the prior; writes `out/{prior,text}/` (rows.json, images)
     and `out/shapes_accuracy.json`, and returns that report."""
     from modules.core.images import save_images
 
-    report: dict[str, Any] = {"num_prompts": len(captions), "seed": seed, "decoder_steps": steps,
+    decoder_overrides = decoder_overrides or {}
+    report: dict[str, Any] = {"num_prompts": len(captions), "seed": seed, "decoder_steps": decoder_overrides.get("steps"),
                               "resolution": "final" if upsample else "decoder", "decoder_candidates": decoder_candidates,
-                              "decoder_overrides": decoder_overrides or {}}
+                              "decoder_overrides": decoder_overrides}
     for mode in (PriorMode.PRIOR, PriorMode.TEXT):
         if mode is PriorMode.PRIOR and pipe.prior is None:
             continue
-        result, images = score(pipe, captions, mode, seed, steps, upsample=upsample, decoder_candidates=decoder_candidates,
+        result, images = score(pipe, captions, mode, seed, upsample=upsample, decoder_candidates=decoder_candidates,
                                decoder_overrides=decoder_overrides)
         report[mode.value] = result["table"]
         (out / mode.value).mkdir(parents=True, exist_ok=True)
