@@ -172,3 +172,30 @@ def test_bf16_sampling_runs_the_unet_in_bf16_and_stays_close_to_fp32():
     fp32, bf16 = samples["FP32"], samples["BF16"]
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     assert not torch.equal(bf16, fp32) and (bf16 - fp32).abs().mean() < 0.02
+
+
+def test_token_id_decoder_trains_its_caption_embedding_from_clip_ids():
+    """`unet.text_vocab_size`: the decoder reads the caption's CLIP token ids (trimmed like the token
+    states) and a training step's gradient reaches the embedding rows of exactly those ids."""
+    import dataclasses
+
+    _module()  # registers the project's open_clip configs
+    vocab = open_clip.get_model_config("tiny-vit")["text_cfg"]["vocab_size"]
+    m = _perturbed(DecoderModule(unet=dataclasses.replace(TINY_UNET, text_vocab_size=vocab), clip_model="tiny-vit"))
+    assert m.unet.config.text_embed_dim is None
+    batch = _batch()
+    cond = m.condition(batch, drop=False)
+    length = cond["text_mask"].shape[1]
+    assert "text_tokens" not in cond and torch.equal(cond["text_ids"], batch["tokens"][:, :length])
+    assert cond["text_mask"].sum(1).max() == length  # trimmed to the longest caption (SOT .. EOT)
+    m.training_step(batch, 0).backward()
+    grad_rows = m.unet.conditioner.token_embedding.weight.grad.abs().sum(1).nonzero().flatten()
+    used = batch["tokens"][:, :length][m.condition(batch, drop=False)["text_mask"]].unique()
+    assert set(grad_rows.tolist()) <= set(used.tolist()) and len(grad_rows) > 0
+    with pytest.raises(Exception, match="token ids"):  # exported embeddings carry no ids
+        m.unet_kwargs({"image_embed": torch.randn(2, 64), "text_tokens": torch.randn(2, 3, 64),
+                       "text_mask": torch.ones(2, 3, dtype=torch.bool)})
+    with pytest.raises(Exception, match=r"\[0, 49408\)"):
+        m.unet_kwargs({**cond, "text_ids": cond["text_ids"] + vocab})
+    with pytest.raises(Exception, match="condition_on_text"):
+        DecoderModule(unet=dataclasses.replace(TINY_UNET, text_vocab_size=vocab), condition_on_text=False)

@@ -22,10 +22,10 @@ from modules.diffusion.config import SamplingConfig
 FAST = {"steps": 3, "guidance_scale": 2.0}
 
 
-def _pipeline() -> UnCLIPPipeline:
+def _pipeline(**unet_options) -> UnCLIPPipeline:
     torch.manual_seed(0)
     unet = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                      attention_resolutions=(8,), num_head_channels=16)
+                      attention_resolutions=(8,), num_head_channels=16, **unet_options)
     decoder = DecoderModule(unet=unet, clip_model="tiny-vit", sampling=FAST)
     with torch.no_grad():  # wake up zero-initialised layers so outputs depend on inputs
         for p in decoder.unet.parameters():
@@ -48,6 +48,24 @@ def test_save_load_round_trip_is_exact(saved: Path):
     b = loaded.generate(["a red circle", "a blue square"], 2, seed=7)
     assert a.shape == (4, 3, 16, 16) and torch.equal(a, b)
     assert not torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, seed=8))
+
+
+def test_token_id_decoder_round_trips_and_reads_the_prompt_ids(tmp_path: Path):
+    """A decoder that embeds CLIP token ids itself (`unet.text_vocab_size`, GLIDE's text encoder):
+    the pipeline hands it the prompt's ids, trimmed like the token states; saved, loaded and sampled
+    bit-identically; another caption with the same z_i gives other images."""
+    pipe = _pipeline(text_vocab_size=49408)
+    prompts = ["a red circle", "a blue square above a red circle"]
+    text = pipe.encode_text(prompts)
+    ids = pipe.tokenizer(prompts)
+    assert torch.equal(text["text_ids"], ids[:, : text["text_mask"].shape[1]])
+    loaded = UnCLIPPipeline.load(pipe.save(tmp_path / "pipe"))
+    a, b = pipe.generate(prompts, 1, seed=3), loaded.generate(prompts, 1, seed=3)
+    assert torch.equal(a, b)
+    z = text["text_embed"]
+    gen = lambda t: pipe.decoder.generate(pipe.decoder_kwargs(t, z), generator=torch.Generator().manual_seed(0))
+    other = pipe.encode_text(["a green triangle", "a blue square below a red circle"])
+    assert (gen(text) - gen(other)).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
 def _full_pipeline() -> UnCLIPPipeline:

@@ -482,3 +482,37 @@ def test_superres_gradients_finite():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_token_id_caption_embeds_ids_and_keeps_null_and_padding_invariants():
+    """``text_vocab_size``: the U-Net embeds the caption's token ids itself (GLIDE). Context entry i of
+    the caption is E[id_i] + P[i] (normalised); padding ids and a dropped caption's ids do not matter."""
+    config = tiny_config(text_embed_dim=None, text_vocab_size=50, text_max_length=L)
+    model, kw = build(config), inputs()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50, (2, L), generator=g)
+    kw = {**kw, "text_tokens": None, "text_ids": ids}
+    emb = model.embed_timestep(kw["t"])
+    with torch.no_grad():
+        ctx = model.conditioner(emb, kw["image_embed"], None, kw["text_mask"], text_ids=ids).context
+        first = config.num_image_tokens + 1  # image tokens, null token, caption tokens
+        cond = model.conditioner
+        expected = cond.context_norm(cond.token_embedding(ids) + cond.positional_embedding[:L])
+        torch.testing.assert_close(ctx[:, first:], expected, rtol=0, atol=1e-6)
+        other = ids.clone()
+        other[1, 1] = (ids[1, 1] + 1) % 50  # a real token of sample 1
+        other[0, 3:] = (ids[0, 3:] + 7) % 50  # sample 0's padding
+        base, moved = run(model, kw), run(model, kw, text_ids=other)
+        assert (moved[1] - base[1]).abs().max() > 1e-4
+        torch.testing.assert_close(moved[0], base[0], rtol=0, atol=1e-6)
+        drop = torch.tensor([False, True])
+        torch.testing.assert_close(run(model, kw, text_ids=other, drop_text=drop)[1],
+                                   run(model, kw, drop_text=drop)[1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="pass text_ids, not text_tokens"):
+        run(model, kw, text_tokens=torch.randn(2, L, TXT_DIM), text_ids=None)
+    with pytest.raises(ValueError, match="text_max_length"):
+        run(model, kw, text_ids=torch.zeros(2, L + 1, dtype=torch.long), text_mask=torch.ones(2, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="text_vocab_size is None"):
+        run(build(tiny_config()), inputs(), text_ids=ids)
+    with pytest.raises(Exception, match="text_embed_dim"):
+        tiny_config(text_vocab_size=50)  # both a frozen encoder's width and ids

@@ -49,6 +49,10 @@ class UNetConfig:
     bidirectional Transformer blocks (``context_dim // num_head_channels`` heads) over the
     projected caption tokens, so each token's encoding can see the whole caption (a frozen CLIP's
     causal token states cannot: "red" does not know which shape follows).
+    ``text_vocab_size`` set: the U-Net reads the caption as token ids (``text_ids``) through its
+    own token and position embeddings (GLIDE's text encoder, trained with the decoder from the
+    raw tokens; unCLIP §2.1 keeps it) instead of a frozen encoder's token states, which
+    ``text_embed_dim`` then must not describe (None).
     """
 
     image_size: int = 64
@@ -67,6 +71,8 @@ class UNetConfig:
     num_image_tokens: int = 4
     text_embed_dim: Optional[int] = None
     text_layers: int = 0  # trainable bidirectional Transformer blocks over the projected caption tokens
+    text_vocab_size: Optional[int] = None  # token ids in (text_ids) instead of token encodings (text_tokens)
+    text_max_length: int = 77  # positions of the id embedding (open_clip's context length)
     context_dim: Optional[int] = None
     resblock_updown: bool = False
     num_groups: int = 32
@@ -102,6 +108,12 @@ class UNetConfig:
             if getattr(self, name) is not None:
                 check_range("unet", name, getattr(self, name), 1, 65536)
         check_range("unet", "text_layers", self.text_layers, 0, 64)
+        if self.text_vocab_size is not None:
+            check_range("unet", "text_vocab_size", self.text_vocab_size, 1, 1 << 24)
+            check_range("unet", "text_max_length", self.text_max_length, 1, 1 << 16)
+            if self.text_embed_dim is not None:
+                raise ConfigError("unet.text_embed_dim: must be None when text_vocab_size is set (the U-Net embeds "
+                                  "the caption's token ids itself, not another encoder's token states)")
         if self.text_layers and self.context_dim % self.num_head_channels:
             raise ConfigError(f"unet.context_dim: {self.context_dim} is not divisible by num_head_channels "
                               f"{self.num_head_channels} (the caption Transformer's heads)")
@@ -130,8 +142,13 @@ class UNetConfig:
         return 4 * self.model_channels
 
     @property
+    def text_enabled(self) -> bool:
+        """Caption conditioning: external token encodings (text_embed_dim) or token ids (text_vocab_size)."""
+        return self.text_embed_dim is not None or self.text_vocab_size is not None
+
+    @property
     def has_context(self) -> bool:
-        return self.image_embed_dim is not None or self.text_embed_dim is not None
+        return self.image_embed_dim is not None or self.text_enabled
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -156,14 +173,18 @@ class UnclipConditioner(nn.Module):
         c, emb_dim, ctx = config, config.time_embed_dim, config.context_dim
         self.num_image_tokens, self.context_dim = c.num_image_tokens, ctx
         self.image_enabled = c.image_embed_dim is not None
-        self.text_enabled = c.text_embed_dim is not None
+        self.text_enabled, self.vocab_size = c.text_enabled, c.text_vocab_size
         if self.image_enabled:
             d = c.image_embed_dim
             self.null_image = nn.Parameter(torch.randn(d) * d**-0.5)
             self.image_to_emb = Linear(d, emb_dim)
             self.image_to_tokens = Linear(d, c.num_image_tokens * ctx)
-        if self.text_enabled:
+        if self.vocab_size is not None:  # GLIDE: token + position embeddings learned with the U-Net
+            self.token_embedding = nn.Embedding(self.vocab_size, ctx)
+            self.positional_embedding = nn.Parameter(torch.randn(c.text_max_length, ctx) * 0.01)
+        elif self.text_enabled:
             self.text_proj = Linear(c.text_embed_dim, ctx)
+        if self.text_enabled:
             self.null_text = nn.Parameter(torch.randn(ctx) * ctx**-0.5)
             self.text_to_emb = Linear(ctx, emb_dim)
             self.text_encoder = (
@@ -180,11 +201,13 @@ class UnclipConditioner(nn.Module):
         text_mask: Optional[Tensor] = None,  # (B, L) bool, True = real token
         drop_image: Optional[Tensor] = None,  # (B,) bool, True = use the null embedding
         drop_text: Optional[Tensor] = None,  # (B,) bool, True = use the null caption
+        text_ids: Optional[Tensor] = None,  # (B, L) int64 token ids, with text_vocab_size
     ) -> Conditioning:
         if not self.image_enabled and image_embed is not None:
             raise ValueError("image_embed given but image_embed_dim is None")
-        if not self.text_enabled and (text_tokens is not None or text_mask is not None):
+        if not self.text_enabled and (text_tokens is not None or text_ids is not None or text_mask is not None):
             raise ValueError("text_tokens given but text_embed_dim is None")
+        text_tokens = self.caption_tokens(text_tokens, text_ids)
         if self.context_norm is None:
             return Conditioning(F.silu(emb))
         B = emb.shape[0]
@@ -206,7 +229,7 @@ class UnclipConditioner(nn.Module):
                 if drop_text is not None:
                     keep = keep & ~drop_text[:, None]
                 text_mask_full = torch.cat([~keep.any(1, keepdim=True), keep], 1)  # (B, 1 + L)
-                tokens = self.text_proj(text_tokens)  # (B, L, D_ctx)
+                tokens = text_tokens if self.vocab_size is not None else self.text_proj(text_tokens)  # (B, L, D_ctx)
                 if self.text_encoder is not None:
                     tokens = self.text_encoder(tokens, keep)  # each caption token attends to the caption
                 parts += [null, tokens]
@@ -224,11 +247,27 @@ class UnclipConditioner(nn.Module):
                 mask = F.pad(text_mask_full, (n_img, 0), value=True)  # (B, S)
         return Conditioning(F.silu(emb), context, mask)
 
+    def caption_tokens(self, text_tokens: Optional[Tensor], text_ids: Optional[Tensor]) -> Optional[Tensor]:
+        """The caption as the U-Net receives it: external token encodings (B, L, D_txt), or, with
+        ``text_vocab_size``, token ids (B, L) embedded here: E[id] + P[position] (B, L, D_ctx)."""
+        if self.vocab_size is None:
+            if text_ids is not None:
+                raise ValueError("text_ids given but unet.text_vocab_size is None (this U-Net reads text_tokens)")
+            return text_tokens
+        if text_tokens is not None:
+            raise ValueError("this U-Net embeds caption token ids (unet.text_vocab_size): pass text_ids, not text_tokens")
+        if text_ids is None:
+            return None
+        length = text_ids.shape[1]
+        if length > self.positional_embedding.shape[0]:
+            raise ValueError(f"text_ids: {length} tokens, more than unet.text_max_length {self.positional_embedding.shape[0]}")
+        return self.token_embedding(text_ids) + self.positional_embedding[:length]
+
 
 class UNet(nn.Module):
     """GLIDE / ADM U-Net with unCLIP conditioning; predicts ε (and variance if out_channels = 2C).
 
-    ``forward(x, t, *, image_embed, text_tokens, text_mask, drop_image, drop_text)``:
+    ``forward(x, t, *, image_embed, text_tokens, text_mask, drop_image, drop_text, text_ids)``:
     x (B, C, H, W) with H, W divisible by 2**(len(channel_mult) - 1); t (B,) timestep indices
     (0..999). Conditioning that is enabled but not given is treated as dropped (the learned null);
     conditioning disabled in the config must not be given (drop masks are then ignored).
@@ -345,9 +384,10 @@ class UNet(nn.Module):
         text_mask: Optional[Tensor] = None,
         drop_image: Optional[Tensor] = None,
         drop_text: Optional[Tensor] = None,
+        text_ids: Optional[Tensor] = None,
     ) -> Tensor:
         cond = self.conditioner(
-            self.embed_timestep(t), image_embed, text_tokens, text_mask, drop_image, drop_text
+            self.embed_timestep(t), image_embed, text_tokens, text_mask, drop_image, drop_text, text_ids
         )
         return self.run_body(x, cond)
 

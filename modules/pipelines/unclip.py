@@ -147,10 +147,12 @@ class UnCLIPPipeline(nn.Module):
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        """CLIP text conditioning: z_t (B, D), token encodings (B, L, W) trimmed, mask (B, L)."""
-        text = self.clip.encode_text(self.tokenizer(prompts).to(self.device))
+        """CLIP text conditioning: z_t (B, D), token encodings (B, L, W) trimmed, mask (B, L), and
+        the token ids (B, L) for a decoder that embeds them itself."""
+        ids = self.tokenizer(prompts).to(self.device)
+        text = self.clip.encode_text(ids)
         tokens, mask = trim_tokens(text.tokens, text.mask)
-        return {"text_embed": text.embed, "text_tokens": tokens, "text_mask": mask}
+        return {"text_embed": text.embed, "text_tokens": tokens, "text_mask": mask, "text_ids": ids[:, : mask.shape[1]]}
 
     @torch.no_grad()
     def image_embeddings(self, text: dict[str, Tensor], cfg: GenerateConfig, generator: torch.Generator | None) -> Tensor:

@@ -1,7 +1,8 @@
 """CLIP conditioning for the prior and decoder: precomputed from shards or encoded on the fly.
 
 A batch either carries the exported embeddings (`image_embed`, `text_embed`, `text_tokens`,
-`text_mask`) or raw `image` / `tokens`, which a frozen CLIP named in the YAML encodes here.
+`text_mask`) or raw `image` / `tokens`, which a frozen CLIP named in the YAML encodes here; the
+token ids themselves are passed on as `text_ids` (trimmed like the token states) when present.
 The frozen CLIP is kept outside the module tree: it is not trained, not averaged by EMA and not
 saved in stage checkpoints (its own checkpoint path, in the saved config, records the lineage).
 """
@@ -73,6 +74,8 @@ class ClipConditioner:
             if "image" in batch:
                 cond["image_embed"] = clip.encode_image(batch["image"])
         cond["text_tokens"], cond["text_mask"] = trim_tokens(cond["text_tokens"], cond["text_mask"].bool())
+        if "tokens" in batch:  # the caption's token ids, for a decoder that embeds them itself (GLIDE)
+            cond["text_ids"] = batch["tokens"][:, : cond["text_mask"].shape[1]]
         return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:

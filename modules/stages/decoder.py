@@ -2,7 +2,8 @@
 
 A GLIDE U-Net trained with DDPM's L_simple (Ho et al. 2020, Algorithm 1) on 64 px images,
 conditioned on the CLIP image embedding z_i (added to the timestep embedding and projected to 4
-context tokens) and the caption's CLIP token encodings. For classifier-free guidance z_i is
+context tokens) and the caption: the frozen CLIP's token encodings, or (`unet.text_vocab_size`) its
+token ids through embeddings trained with the U-Net, as GLIDE's text encoder is. For classifier-free guidance z_i is
 dropped 10% and the caption 50% of the time (learned null embeddings inside the U-Net).
 EMA of the weights is Lightning's `EMAWeightAveraging` callback, set in the experiment YAML.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modules.core import draws, optim
+from modules.core.errors import ConfigError
 from modules.core.images import to_unit
 from modules.stages.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
@@ -75,10 +77,14 @@ class DecoderModule(pl.LightningModule):
             ClipConditioner(clip_model, clip_weights) if text_encoder is None
             else TextConditioner(as_config(TextEncoderConfig, text_encoder))
         )
+        reads_ids = unet_cfg.text_vocab_size is not None  # GLIDE: the caption's token ids, embedded in the U-Net
+        if reads_ids and (text_encoder is not None or not condition_on_text):
+            raise ConfigError("unet.text_vocab_size: the U-Net embeds CLIP token ids; it needs condition_on_text "
+                              "and no text_encoder")
         unet_cfg = dataclasses.replace(
             unet_cfg,
             image_embed_dim=self.conditioner.embed_dim if condition_on_image else None,
-            text_embed_dim=self.conditioner.text_width if condition_on_text else None,
+            text_embed_dim=self.conditioner.text_width if condition_on_text and not reads_ids else None,
         )
         self.save_hyperparameters(to_plain({**args, "unet": unet_cfg, "_class_path": class_path_of(self)}))
         self.unet = UNet(unet_cfg)
@@ -120,7 +126,7 @@ class DecoderModule(pl.LightningModule):
             kwargs["image_embed"] = z_i
             kwargs["drop_image"] = draws.uniform((batch_size,), device=device) < (hp.drop_image_prob if drop else 0.0)
         if hp.condition_on_text:
-            kwargs.update(text_unet_kwargs(cond, hp.drop_text_prob if drop else 0.0))
+            kwargs.update(text_unet_kwargs(cond, hp.drop_text_prob if drop else 0.0, self.unet.config.text_vocab_size))
         return kwargs
 
     # -- sampling ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from modules.core import draws
+from modules.core.errors import UserError
 from modules.stages.conditioning import clip_dims, trim_tokens
 from modules.core.hparams import coerce_fields
 from modules.networks.clip import FrozenCLIP, TextEncoding
@@ -248,12 +249,23 @@ class TextConditioner:
         return _finish({"text_embed": out.embed, "text_tokens": out.tokens, "text_mask": out.mask})
 
 
-def text_unet_kwargs(cond: dict[str, Tensor], drop_prob: float = 0.0) -> dict[str, Tensor]:
+def text_unet_kwargs(cond: dict[str, Tensor], drop_prob: float = 0.0, vocab_size: int | None = None) -> dict[str, Tensor]:
     """U-Net caption keywords from conditioning: tokens, mask and the CFG drop mask (B,), each
-    caption dropped (replaced by the learned null) with probability `drop_prob`."""
-    tokens = cond["text_tokens"]  # (B, L, W)
+    caption dropped (replaced by the learned null) with probability `drop_prob`. With `vocab_size`
+    (a U-Net that embeds token ids itself) the tokens are the caption's ids (B, L), checked to lie
+    in [0, vocab_size)."""
+    if vocab_size is None:
+        key, tokens = "text_tokens", cond["text_tokens"]  # (B, L, W)
+    else:
+        if "text_ids" not in cond:
+            raise UserError("the U-Net reads caption token ids (unet.text_vocab_size) but the conditioning has none "
+                            "(exported embedding shards carry no token ids: train on image-caption shards)")
+        key, tokens = "text_ids", cond["text_ids"]  # (B, L) int64
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+            raise UserError(f"text_ids: token ids must lie in [0, {vocab_size}) (unet.text_vocab_size), got "
+                            f"[{int(tokens.min())}, {int(tokens.max())}]")
     drop = draws.uniform((tokens.shape[0],), device=tokens.device) < drop_prob  # (B,)
-    return {"text_tokens": tokens, "text_mask": cond["text_mask"], "drop_text": drop}
+    return {key: tokens, "text_mask": cond["text_mask"], "drop_text": drop}
 
 
 def _finish(cond: dict[str, Tensor]) -> dict[str, Tensor]:
