@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import interleaved_rounds
+from benchmarks.harness import interleaved_rounds, print_medians
 from modules.core.images import save_images
 from modules.pipelines.unclip import GenerateConfig, UnCLIPPipeline
 
@@ -50,9 +49,8 @@ def main() -> None:
         times = interleaved_rounds(cases, a.rounds)  # warm-up: this process's first call pays its imports once
     print(f"`unclip generate` (1 image, {STEPS} decoder steps) on {a.pipeline}, {a.rounds} interleaved rounds (s): "
           "median [min, max]")
-    for name, t in times.items():
-        print(f"  {name:<12} {statistics.median(t):6.2f} [{min(t):.2f}, {max(t):.2f}]")
-    saved = statistics.median(times["new process"]) - statistics.median(times["in process"])
+    med = print_medians(times, digits=2)
+    saved = med["new process"] - med["in process"]
     print(f"  start-up of a new process (median difference): {saved:.2f} s")
 
 

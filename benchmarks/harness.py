@@ -334,10 +334,12 @@ def interleaved_rounds(cases: dict[str, Callable[[], Any]], rounds: int, warmup:
     return times
 
 
-def print_medians(ms: dict[str, list[float]], suffix: Callable[[float], str] = lambda med: "") -> dict[str, float]:
-    """One line per case: median [min, max] of its times in ms (and `suffix(median)`); the medians."""
+def print_medians(ms: dict[str, list[float]], suffix: Callable[[float], str] = lambda med: "",
+                  digits: int = 1) -> dict[str, float]:
+    """One line per case: median [min, max] of its times (ms, or whatever unit they are in), to
+    `digits` decimals (and `suffix(median)`); the medians."""
     med = {name: statistics.median(v) for name, v in ms.items()}
     width = max(len(name) for name in ms) + 2
     for name, v in ms.items():
-        print(f"  {name:{width}s} {med[name]:7.1f} [{min(v):.1f}, {max(v):.1f}]{suffix(med[name])}")
+        print(f"  {name:{width}s} {med[name]:7.{digits}f} [{min(v):.{digits}f}, {max(v):.{digits}f}]{suffix(med[name])}")
     return med
