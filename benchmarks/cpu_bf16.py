@@ -91,6 +91,7 @@ def main() -> None:
     modules = {layout: build(layout) for layout in LAYOUTS}
     width = demo_width()
     modules["demo"] = build("nchw", **width)  # the demo overlay's U-Net: narrower, more steps
+    modules["demo top"] = build("nchw", **{**width, "num_res_blocks": 1})  # with the 32 px down-path res block
     size = modules["nchw"].unet.config.image_size
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(a.batch, 3, size, size, generator=gen) * 2 - 1,
@@ -132,6 +133,7 @@ def main() -> None:
                 cases[f"groupnorm {shape} {prec} {layout}"] = groupnorm(shape, groups, bf16, layout)
         cases[f"upsample {prec}"] = functools.partial(upsample, bf16)
     cases["train bf16 demo"], cases["sample bf16 demo"] = train("demo", True), sample("demo", True)
+    cases["train bf16 demo top"], cases["sample bf16 demo top"] = train("demo top", True), sample("demo top", True)
     times = interleaved_rounds(cases, a.rounds)  # one warm-up pass: oneDNN primitive creation
     best = {name: min(v) for name, v in times.items()}
     print(f"best of {a.rounds} interleaved rounds, {a.threads} threads")
@@ -150,6 +152,11 @@ def main() -> None:
           f"({best['train bf16 nchw'] / best['train bf16 demo']:.2f}x), "
           f"sample {best['sample bf16 demo'] * 1e3:.0f} / {best['sample bf16 nchw'] * 1e3:.0f} "
           f"({best['sample bf16 nchw'] / best['sample bf16 demo']:.2f}x)")
+    print(f"the same with a down-path res block at the top level (num_res_blocks 1) against without (ms): "
+          f"train {best['train bf16 demo top'] * 1e3:.0f} / {best['train bf16 demo'] * 1e3:.0f} "
+          f"({best['train bf16 demo top'] / best['train bf16 demo']:.2f}x), "
+          f"sample {best['sample bf16 demo top'] * 1e3:.0f} / {best['sample bf16 demo'] * 1e3:.0f} "
+          f"({best['sample bf16 demo top'] / best['sample bf16 demo']:.2f}x)")
     print(f"demo upsampler (experiments/superres/tiny.yaml), one U-Net evaluation at 64 px (it samples unguided), batch {a.batch} (ms):")
     up = {prec: best[f"upsample {prec}"] * 1e3 for prec in PRECISIONS}
     print(f"  fp32 {up['fp32']:7.0f}   bf16 {up['bf16']:7.0f}   bf16 speed-up {up['fp32'] / up['bf16']:.2f}x")
