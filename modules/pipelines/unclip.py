@@ -33,7 +33,7 @@ from modules.pipelines.store import (
     save_weights,
     upsampler_entries,
 )
-from modules.stages.conditioning import best_of, clip_dims, repeat_rows, trim_tokens
+from modules.stages.conditioning import best_of, clip_dims, finish_condition, repeat_rows
 from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
 from modules.stages.registry import STAGE_CLASSES, StageKind
 
@@ -151,8 +151,7 @@ class UnCLIPPipeline(nn.Module):
         the token ids (B, L) for a decoder that embeds them itself."""
         ids = self.tokenizer(prompts).to(self.device)
         text = self.clip.encode_text(ids)
-        tokens, mask = trim_tokens(text.tokens, text.mask)
-        return {"text_embed": text.embed, "text_tokens": tokens, "text_mask": mask, "text_ids": ids[:, : mask.shape[1]]}
+        return finish_condition({"text_embed": text.embed, "text_tokens": text.tokens, "text_mask": text.mask}, ids)
 
     @torch.no_grad()
     def image_embeddings(self, text: dict[str, Tensor], cfg: GenerateConfig, generator: torch.Generator | None) -> Tensor:

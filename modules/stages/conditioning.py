@@ -36,6 +36,16 @@ def trim_tokens(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return tokens[:, :length], mask[:, :length]
 
 
+def finish_condition(cond: dict[str, Tensor], token_ids: Tensor | None = None) -> dict[str, Tensor]:
+    """Caption conditioning as the stages take it: token states and mask trimmed to the longest
+    caption, float32 encodings, a bool mask, and the caption's token ids (B, L) trimmed alike when
+    given (`text_ids`, for a decoder that embeds them itself, as GLIDE's text encoder does)."""
+    cond["text_tokens"], cond["text_mask"] = trim_tokens(cond["text_tokens"], cond["text_mask"].bool())
+    if token_ids is not None:
+        cond["text_ids"] = token_ids[:, : cond["text_mask"].shape[1]]
+    return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
+
+
 def repeat_rows(cond: dict[str, Tensor], n: int) -> dict[str, Tensor]:
     """Each row repeated n times in place: [a, b] -> [a, a, b, b] (so rows reshape to (B, n, ...))."""
     return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
@@ -73,10 +83,7 @@ class ClipConditioner:
             cond = {"text_embed": text.embed, "text_tokens": text.tokens, "text_mask": text.mask}
             if "image" in batch:
                 cond["image_embed"] = clip.encode_image(batch["image"])
-        cond["text_tokens"], cond["text_mask"] = trim_tokens(cond["text_tokens"], cond["text_mask"].bool())
-        if "tokens" in batch:  # the caption's token ids, for a decoder that embeds them itself (GLIDE)
-            cond["text_ids"] = batch["tokens"][:, : cond["text_mask"].shape[1]]
-        return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
+        return finish_condition(cond, batch.get("tokens"))
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         tokens = open_clip.get_tokenizer(self.model_name)(prompts).to(device)

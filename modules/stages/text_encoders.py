@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from modules.core import draws
 from modules.core.errors import UserError
-from modules.stages.conditioning import clip_dims, trim_tokens
+from modules.stages.conditioning import clip_dims, finish_condition, trim_tokens
 from modules.core.hparams import coerce_fields
 from modules.networks.clip import FrozenCLIP, TextEncoding
 from modules.networks.unet import _masked_mean as masked_mean
@@ -240,13 +240,13 @@ class TextConditioner:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if all(k in batch for k in TEXT_KEYS):
-            return _finish({k: batch[k] for k in TEXT_KEYS})
+            return finish_condition({k: batch[k] for k in TEXT_KEYS})
         device = batch["image"].device if "image" in batch else torch.device("cpu")
         return self.encode_prompts(list(batch["caption"]), device)
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         out = self.encoder(device).encode(prompts)
-        return _finish({"text_embed": out.embed, "text_tokens": out.tokens, "text_mask": out.mask})
+        return finish_condition({"text_embed": out.embed, "text_tokens": out.tokens, "text_mask": out.mask})
 
 
 def text_unet_kwargs(cond: dict[str, Tensor], drop_prob: float = 0.0, vocab_size: int | None = None) -> dict[str, Tensor]:
@@ -266,9 +266,3 @@ def text_unet_kwargs(cond: dict[str, Tensor], drop_prob: float = 0.0, vocab_size
                             f"[{int(tokens.min())}, {int(tokens.max())}]")
     drop = draws.uniform((tokens.shape[0],), device=tokens.device) < drop_prob  # (B,)
     return {key: tokens, "text_mask": cond["text_mask"], "drop_text": drop}
-
-
-def _finish(cond: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Trim padding beyond the longest caption; float32 encodings, bool mask."""
-    cond["text_tokens"], cond["text_mask"] = trim_tokens(cond["text_tokens"], cond["text_mask"].bool())
-    return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
