@@ -206,7 +206,8 @@ class UnclipConditioner(nn.Module):
         if not self.image_enabled and image_embed is not None:
             raise ValueError("image_embed given but image_embed_dim is None")
         if not self.text_enabled and (text_tokens is not None or text_ids is not None or text_mask is not None):
-            raise ValueError("text_tokens given but text_embed_dim is None")
+            raise ValueError("caption given but the U-Net has no caption conditioning (text_embed_dim and "
+                             "text_vocab_size are None)")
         text_tokens = self.caption_tokens(text_tokens, text_ids)
         if self.context_norm is None:
             return Conditioning(F.silu(emb))
