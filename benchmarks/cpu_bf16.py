@@ -2,8 +2,9 @@
 (interleaved rounds, best of each): a training step under fp32 / bf16 autocast, each with the
 U-Net in NCHW (contiguous) or NHWC (channels_last), and one guided sampling evaluation (a batch of
 conditional + null rows) in the same four settings, both again in bf16 NCHW at the demo overlay's
-U-Net width (experiments/demo/decoder.yaml), the demo upsampler's evaluation at 64 px in fp32 and
-bf16, and GroupNorm alone.
+U-Net (experiments/demo/decoder.yaml) and at that U-Net with one layout field changed
+(`DEMO_VARIANTS`: what each of its layout choices buys), the demo upsampler's evaluation at 64 px in
+fp32 and bf16, and GroupNorm alone.
 
 The demo trains its decoder under `precision: bf16-mixed` because oneDNN runs bf16 convolutions
 on AMX / AVX512-BF16 units. The layout matters as much: torch's CPU GroupNorm is several times
@@ -30,6 +31,12 @@ from modules.stages.decoder import DecoderModule
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 PRECISIONS = {"fp32": False, "bf16": True}  # name -> under bf16 autocast
+# The demo overlay's U-Net with one field changed: name -> (what it is, the change).
+DEMO_VARIANTS = {
+    "demo top": ("with a down-path res block at 32 px (num_res_blocks 1)", {"num_res_blocks": 1}),
+    "demo up after": ("with its up-convs after the upsampling (conv_before_upsample false)",
+                      {"conv_before_upsample": False}),
+}
 
 
 def init_args(config: str) -> dict:
@@ -91,7 +98,8 @@ def main() -> None:
     modules = {layout: build(layout) for layout in LAYOUTS}
     width = demo_width()
     modules["demo"] = build("nchw", **width)  # the demo overlay's U-Net: narrower, more steps
-    modules["demo top"] = build("nchw", **{**width, "num_res_blocks": 1})  # with the 32 px down-path res block
+    for name, (_, change) in DEMO_VARIANTS.items():
+        modules[name] = build("nchw", **{**width, **change})
     size = modules["nchw"].unet.config.image_size
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(a.batch, 3, size, size, generator=gen) * 2 - 1,
@@ -133,7 +141,8 @@ def main() -> None:
                 cases[f"groupnorm {shape} {prec} {layout}"] = groupnorm(shape, groups, bf16, layout)
         cases[f"upsample {prec}"] = functools.partial(upsample, bf16)
     cases["train bf16 demo"], cases["sample bf16 demo"] = train("demo", True), sample("demo", True)
-    cases["train bf16 demo top"], cases["sample bf16 demo top"] = train("demo top", True), sample("demo top", True)
+    for name in DEMO_VARIANTS:
+        cases[f"train bf16 {name}"], cases[f"sample bf16 {name}"] = train(name, True), sample(name, True)
     times = interleaved_rounds(cases, a.rounds)  # one warm-up pass: oneDNN primitive creation
     best = {name: min(v) for name, v in times.items()}
     print(f"best of {a.rounds} interleaved rounds, {a.threads} threads")
@@ -152,11 +161,10 @@ def main() -> None:
           f"({best['train bf16 nchw'] / best['train bf16 demo']:.2f}x), "
           f"sample {best['sample bf16 demo'] * 1e3:.0f} / {best['sample bf16 nchw'] * 1e3:.0f} "
           f"({best['sample bf16 nchw'] / best['sample bf16 demo']:.2f}x)")
-    print(f"the same with a down-path res block at the top level (num_res_blocks 1) against without (ms): "
-          f"train {best['train bf16 demo top'] * 1e3:.0f} / {best['train bf16 demo'] * 1e3:.0f} "
-          f"({best['train bf16 demo top'] / best['train bf16 demo']:.2f}x), "
-          f"sample {best['sample bf16 demo top'] * 1e3:.0f} / {best['sample bf16 demo'] * 1e3:.0f} "
-          f"({best['sample bf16 demo top'] / best['sample bf16 demo']:.2f}x)")
+    for name, (label, _) in DEMO_VARIANTS.items():
+        cells = [f"{kind} {best[f'{kind} bf16 {name}'] * 1e3:.0f} / {best[f'{kind} bf16 demo'] * 1e3:.0f} "
+                 f"({best[f'{kind} bf16 {name}'] / best[f'{kind} bf16 demo']:.2f}x)" for kind in ("train", "sample")]
+        print(f"the same {label} against the demo's (ms): " + ", ".join(cells))
     print(f"demo upsampler (experiments/superres/tiny.yaml), one U-Net evaluation at 64 px (it samples unguided), batch {a.batch} (ms):")
     up = {prec: best[f"upsample {prec}"] * 1e3 for prec in PRECISIONS}
     print(f"  fp32 {up['fp32']:7.0f}   bf16 {up['bf16']:7.0f}   bf16 speed-up {up['fp32'] / up['bf16']:.2f}x")

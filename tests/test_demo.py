@@ -70,7 +70,7 @@ def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
         assert ours.model.init_args.sampling.precision == theirs.model.init_args.sampling.precision
     base, decoder = configs["imagen_base"].model.init_args, configs["decoder"].model.init_args
     for key in ("image_size", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_groups",
-                "channels_last"):  # the same U-Net body and kernels per step
+                "channels_last", "conv_before_upsample"):  # the same U-Net body and kernels per step
         assert base.unet[key] == decoder.unet[key], key
 
 
