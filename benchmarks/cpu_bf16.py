@@ -140,8 +140,7 @@ def main() -> None:
             for shape, groups in norm_shapes:
                 cases[f"groupnorm {shape} {prec} {layout}"] = groupnorm(shape, groups, bf16, layout)
         cases[f"upsample {prec}"] = functools.partial(upsample, bf16)
-    cases["train bf16 demo"], cases["sample bf16 demo"] = train("demo", True), sample("demo", True)
-    for name in DEMO_VARIANTS:
+    for name in ("demo", *DEMO_VARIANTS):
         cases[f"train bf16 {name}"], cases[f"sample bf16 {name}"] = train(name, True), sample(name, True)
     times = interleaved_rounds(cases, a.rounds)  # one warm-up pass: oneDNN primitive creation
     best = {name: min(v) for name, v in times.items()}
