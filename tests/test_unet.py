@@ -12,7 +12,8 @@ from torch import nn
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.networks.unet import UNet, UNetConfig
 from modules.networks.unet_blocks import (
-    AttentionBlock, Conditioning, Downsample, Resample, ResBlock, Upsample, norm_modulate_silu, timestep_embedding,
+    AttentionBlock, Conditioning, Downsample, Resample, ResBlock, Upsample, norm_modulate_silu, position_embedding_2d,
+    timestep_embedding,
 )
 
 IMG_DIM, TXT_DIM, L = 12, 10, 5
@@ -354,6 +355,50 @@ def test_cross_attention_block_matches_naive_softmax():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="context"):
         AttentionBlock(C, num_head_channels=8, num_groups=8, self_attention=False)
+
+
+def test_position_embedding_2d_closed_form():
+    """Row r, column c of a W-wide grid: [cos(r f), sin(r f), cos(c f), sin(c f)], f_i = 10000^(-i/(D/4))."""
+    H, W, D = 3, 5, 16
+    emb = position_embedding_2d(H, W, D)
+    assert emb.shape == (H * W, D)
+    f = 10000.0 ** (-torch.arange(D // 4, dtype=torch.float64) / (D // 4))
+    for r, c in [(0, 0), (1, 4), (2, 3)]:
+        ref = torch.cat([torch.cos(r * f), torch.sin(r * f), torch.cos(c * f), torch.sin(c * f)]).float()
+        torch.testing.assert_close(emb[r * W + c], ref, rtol=0, atol=1e-6)
+    assert len({tuple(row.tolist()) for row in emb}) == H * W  # every position distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        position_embedding_2d(2, 2, 6)
+
+
+def test_attention_positions_tell_left_from_right():
+    """Without positions, self-attention is equivariant to a mirror of the grid (what it sees from the
+    left it sees from the right); with them it is not, and it equals attention over tokens + the
+    2-D embedding."""
+    torch.manual_seed(0)
+    C, x, cond = 16, torch.randn(2, 16, 4, 6), Conditioning(torch.zeros(2, 1), torch.randn(2, 3, 12))
+    plain = randomize_zero_init(AttentionBlock(C, num_head_channels=8, num_groups=8, context_dim=12))
+    placed = AttentionBlock(C, num_head_channels=8, num_groups=8, context_dim=12, positions=True)
+    placed.load_state_dict(plain.state_dict())  # no parameters of its own
+    mirror = lambda z: z.flip(-1)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(plain(mirror(x), cond), mirror(plain(x, cond)), rtol=1e-5, atol=1e-5)
+        assert (placed(mirror(x), cond) - mirror(placed(x, cond))).abs().max() > 1e-3
+        # the same block on the tokens shifted by the embedding, with GroupNorm made the identity
+        shifted = x + position_embedding_2d(4, 6, C).T.reshape(1, C, 4, 6)
+        plain.norm = placed.norm = nn.Identity()
+        torch.testing.assert_close(placed(x, cond), plain(shifted, cond) - shifted + x, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        AttentionBlock(18, num_head_channels=9, num_groups=9, positions=True)
+
+
+def test_attention_positions_config_reaches_every_attention_block():
+    model = UNet(tiny_config(attention_positions=True))
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert blocks and all(b.positions for b in blocks)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in UNet(tiny_config()).parameters())
+    with pytest.raises(ValueError, match="attention_positions"):
+        tiny_config(attention_positions=True, model_channels=18, num_groups=9, num_head_channels=9)
 
 
 def test_cross_attention_resolutions_let_the_top_level_read_the_caption():

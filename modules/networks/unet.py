@@ -53,6 +53,9 @@ class UNetConfig:
     own token and position embeddings (GLIDE's text encoder, trained with the decoder from the
     raw tokens; unCLIP §2.1 keeps it) instead of a frozen encoder's token states, which
     ``text_embed_dim`` then must not describe (None).
+    ``attention_positions``: every attention block adds a fixed 2-D sin-cos position embedding to its
+    spatial tokens (``AttentionBlock``), so attention can compare where two positions are; GLIDE's
+    has none (it is permutation-equivariant over positions). Parameter-free.
     """
 
     image_size: int = 64
@@ -79,6 +82,7 @@ class UNetConfig:
     channels_last: bool = False  # NHWC weights and activations (oneDNN's native layout on CPU)
     recompute_norms: bool = False  # recompute GroupNorm(+modulation)+SiLU in backward instead of storing
     conv_before_upsample: bool = False  # Imagen's Efficient U-Net order: up-convs at the low resolution
+    attention_positions: bool = False  # 2-D sin-cos position embedding in every attention block
 
     def __post_init__(self) -> None:
         if self.conv_before_upsample and self.resblock_updown:
@@ -119,6 +123,9 @@ class UNetConfig:
                               f"{self.num_head_channels} (the caption Transformer's heads)")
         for mult in self.channel_mult:
             check_range("unet", "channel_mult", mult, 1, 64)
+        if self.attention_positions and any(self.model_channels * m % 4 for m in self.channel_mult):
+            raise ConfigError(f"unet.attention_positions: the 2-D position embedding needs every level's channels "
+                              f"(model_channels {self.model_channels} x channel_mult) divisible by 4")
         for count in self.blocks_per_level:
             check_range("unet", "num_res_blocks", count, 0, 64)
         levels = len(self.channel_mult)
@@ -321,6 +328,7 @@ class UNet(nn.Module):
             num_groups=c.num_groups,
             context_dim=c.context_dim if c.has_context else None,
             self_attention=self_attention,
+            positions=c.attention_positions,
         )
 
     def _attn_layers(self, ch: int, resolution: int) -> list[nn.Module]:

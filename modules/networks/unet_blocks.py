@@ -47,6 +47,19 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))  # (B, dim)
 
 
+def position_embedding_2d(height: int, width: int, dim: int, device: torch.device | None = None,
+                          max_period: float = 10000.0) -> Tensor:
+    """Fixed 2-D sinusoidal position embedding (H·W, dim), rows in raster order: the first half of
+    the channels embeds the row index, the second half the column index, each as [cos | sin] of
+    ``timestep_embedding`` (the ViT / MAE 2-D sin-cos form; Dosovitskiy et al. 2021, He et al. 2022).
+    ``dim`` must be divisible by 4."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    rows = torch.arange(height, device=device).repeat_interleave(width)  # (H·W,) raster order
+    cols = torch.arange(width, device=device).repeat(height)
+    return torch.cat([timestep_embedding(rows, dim // 2, max_period), timestep_embedding(cols, dim // 2, max_period)], dim=1)
+
+
 def group_norm(channels: int, num_groups: int, affine: bool = True) -> nn.GroupNorm:
     """GroupNorm whose group count divides ``channels`` (gcd), so tiny widths work too."""
     return nn.GroupNorm(math.gcd(num_groups, channels), channels, affine=affine)
@@ -184,6 +197,11 @@ class AttentionBlock(nn.Module):
     of (H·W)² and so can run at the high resolutions where the objects' shapes are drawn. The
     context always has a visible token (the image tokens, or the null caption), so no row is
     fully masked.
+
+    ``positions=True`` adds a fixed 2-D sin-cos position embedding (``position_embedding_2d``) to
+    the normalised spatial tokens before q/k/v, as a ViT does to its patches. Without it, GLIDE's
+    attention is equivariant to any permutation of the positions: a position cannot tell whether
+    another one lies to its left or above it, which is what a prompted relation asks for.
     """
 
     def __init__(
@@ -194,8 +212,12 @@ class AttentionBlock(nn.Module):
         num_groups: int = 32,
         context_dim: Optional[int] = None,
         self_attention: bool = True,
+        positions: bool = False,
     ) -> None:
         super().__init__()
+        if positions and channels % 4:
+            raise ValueError(f"a 2-D position embedding needs channels divisible by 4, got {channels}")
+        self.positions = positions
         self.num_heads = max(1, channels // num_head_channels)
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
@@ -211,6 +233,8 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         T, nh = H * W, self.num_heads
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, T, C)  # (B, T, C); a view if NHWC
+        if self.positions:
+            tokens = tokens + position_embedding_2d(H, W, C, x.device).to(tokens.dtype)
         if self.self_attention:
             q, k, v = self.qkv(tokens).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
         else:
