@@ -529,6 +529,19 @@ def test_superres_gradients_finite():
         assert p.grad.abs().sum() > 0, name
 
 
+def test_token_id_caption_init_keeps_positions_visible():
+    """CLIP's text-tower init for the U-Net's own caption embedding: tokens N(0, 0.02²), positions
+    N(0, 0.01²). One word at two positions then differs by about half as much as two words do, so
+    which object a word belongs to is visible from the first step (N(0, 1) tokens made it 1:100)."""
+    torch.manual_seed(0)
+    cond = UNet(tiny_config(text_embed_dim=None, text_vocab_size=1000, context_dim=64, text_max_length=16)).conditioner
+    words = cond.token_embedding.weight.detach()
+    positions = cond.positional_embedding.detach()
+    word_gap = (words[:500] - words[500:]).norm(dim=1).mean()
+    position_gap = (positions[:8] - positions[8:]).norm(dim=1).mean()
+    assert 0.35 < float(position_gap / word_gap) < 0.65
+
+
 def test_token_id_caption_embeds_ids_and_keeps_null_and_padding_invariants():
     """``text_vocab_size``: the U-Net embeds the caption's token ids itself (GLIDE). Context entry i of
     the caption is E[id_i] + P[i] (normalised); padding ids and a dropped caption's ids do not matter."""

@@ -187,7 +187,11 @@ class UnclipConditioner(nn.Module):
             self.image_to_emb = Linear(d, emb_dim)
             self.image_to_tokens = Linear(d, c.num_image_tokens * ctx)
         if self.vocab_size is not None:  # GLIDE: token + position embeddings learned with the U-Net
+            # CLIP's text-tower init (open_clip TextTransformer.init_parameters): tokens N(0, 0.02²), positions
+            # N(0, 0.01²), so a token's position is visible beside its identity (nn.Embedding's N(0, 1) would
+            # bury the positions 100:1, and with them which object a word belongs to)
             self.token_embedding = nn.Embedding(self.vocab_size, ctx)
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
             self.positional_embedding = nn.Parameter(torch.randn(c.text_max_length, ctx) * 0.01)
         elif self.text_enabled:
             self.text_proj = Linear(c.text_embed_dim, ctx)
