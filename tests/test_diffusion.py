@@ -426,6 +426,27 @@ def test_training_losses_oracle_and_min_snr(objective: Objective) -> None:
     torch.testing.assert_close(losses["loss"], torch.from_numpy(np.minimum(snr, 5.0)) * x0_err, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("objective", list(Objective))
+def test_min_snr_floor_is_truncated_snr_below_gamma(objective: Objective) -> None:
+    """min_snr_floor f: the loss is clamp(SNR, f, γ)·‖x̂0 − x0‖² whatever the target; f = 1 is Salimans &
+    Ho's truncated SNR max(SNR, 1) where SNR < γ, and f = 0 is plain min-SNR, weight for weight."""
+    d = make(objective, schedule=Schedule.LINEAR, loss_weighting=LossWeighting.MIN_SNR, min_snr_floor=1.0)
+    t = torch.tensor([0, 1, 50, 300, 700, 999])
+    snr = d.alphas_cumprod[t] / (1 - d.alphas_cumprod[t])
+    assert snr.min() < 1e-3 and snr.max() > 5  # the clamp binds at both ends
+    x0 = torch.rand(6, 3, 8, 8, dtype=F64) * 2 - 1
+    delta = 0.1 * torch.randn_like(x0)
+    losses = d.training_losses(oracle(d, x0 + delta), x0, t)
+    x0_err = (delta**2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(losses["loss"], torch.from_numpy(np.clip(snr, 1.0, 5.0)) * x0_err, rtol=1e-6, atol=0)
+    plain = make(objective, schedule=Schedule.LINEAR, loss_weighting=LossWeighting.MIN_SNR)
+    assert torch.equal(make(objective, schedule=Schedule.LINEAR, loss_weighting=LossWeighting.MIN_SNR,
+                            min_snr_floor=0.0).loss_weight(t, F64), plain.loss_weight(t, F64))
+    assert d.respaced([0, 500, 999]).min_snr_floor == 1.0
+    with pytest.raises(ValueError, match="min_snr_floor"):
+        make(objective, loss_weighting=LossWeighting.MIN_SNR, min_snr_floor=6.0)
+
+
 def test_weighted_timesteps_follow_the_weights_and_estimate_the_same_objective() -> None:
     """t ∝ w_t (inverse CDF) with weights w̄/w_t: an unbiased, lower-variance estimate of E_{t~U}[w_t L_t]."""
     uniform = make(Objective.V, loss_weighting=LossWeighting.MIN_SNR)

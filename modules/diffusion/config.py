@@ -36,6 +36,7 @@ class DiffusionConfig:
     variance: VarianceType = VarianceType.FIXED_SMALL
     loss_weighting: LossWeighting = LossWeighting.NONE
     min_snr_gamma: float = 5.0
+    min_snr_floor: float = 0.0  # x_0-space weight clamp(SNR, floor, γ); 1: truncated SNR (Salimans & Ho 2022)
     timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM
 
     def __post_init__(self) -> None:
@@ -43,6 +44,7 @@ class DiffusionConfig:
         check_range("diffusion", "timesteps", self.timesteps, 2, 100_000)
         check_range("diffusion", "schedule_shift", self.schedule_shift, 1e-3, 1e3)
         check_range("diffusion", "min_snr_gamma", self.min_snr_gamma, 1e-6, 1e6)
+        check_range("diffusion", "min_snr_floor", self.min_snr_floor, 0.0, self.min_snr_gamma)
 
     def build(self) -> GaussianDiffusion:
         return GaussianDiffusion(
@@ -51,6 +53,7 @@ class DiffusionConfig:
             variance=self.variance,
             loss_weighting=self.loss_weighting,
             min_snr_gamma=self.min_snr_gamma,
+            min_snr_floor=self.min_snr_floor,
             timestep_sampling=self.timestep_sampling,
         )
 

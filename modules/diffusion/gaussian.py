@@ -114,6 +114,7 @@ class GaussianDiffusion:
         variance: VarianceType = VarianceType.FIXED_SMALL,
         loss_weighting: LossWeighting = LossWeighting.NONE,
         min_snr_gamma: float = 5.0,
+        min_snr_floor: float = 0.0,
         vb_weight: float = 1e-3,
         timestep_map: np.ndarray | None = None,
         timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM,
@@ -125,6 +126,9 @@ class GaussianDiffusion:
         self.variance = VarianceType(variance)
         self.loss_weighting = LossWeighting(loss_weighting)
         self.min_snr_gamma = float(min_snr_gamma)
+        self.min_snr_floor = float(min_snr_floor)
+        if not 0.0 <= self.min_snr_floor <= self.min_snr_gamma:
+            raise ValueError(f"min_snr_floor {self.min_snr_floor} must lie in [0, min_snr_gamma {self.min_snr_gamma}]")
         self.timestep_sampling = TimestepSampling(timestep_sampling)
         self.vb_weight = float(vb_weight)
         self.num_timesteps = len(betas)
@@ -188,7 +192,7 @@ class GaussianDiffusion:
         betas, local_map = respaced_betas(self.alphas_cumprod, use_timesteps)
         return GaussianDiffusion(
             betas, objective=self.objective, variance=self.variance,
-            loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
+            loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma, min_snr_floor=self.min_snr_floor,
             vb_weight=self.vb_weight, timestep_map=self.timestep_map[local_map],
             timestep_sampling=self.timestep_sampling,
         )
@@ -289,11 +293,16 @@ class GaussianDiffusion:
         return torch.from_numpy(self.snr_table).to(dtype=dtype).to(t.device)[t.long()]
 
     def loss_weight(self, t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Per-sample MSE weight (B,): 1, or min-SNR-γ expressed for this objective's target."""
+        """Per-sample MSE weight (B,): 1, or min-SNR-γ expressed for this objective's target.
+
+        In x_0 space min-SNR-γ weighs an error by min(SNR, γ) (Hang et al. 2023, eq. 5); ``min_snr_floor``
+        f > 0 makes it clamp(SNR, f, γ), with f = 1 the truncated-SNR weighting max(SNR, 1) of Salimans &
+        Ho 2022 (§4) below γ: the noisiest steps, where the layout of an image is decided, keep weight f
+        instead of vanishing with SNR."""
         snr = self.snr(t, torch.float64)
         if self.loss_weighting is LossWeighting.NONE:
             return torch.ones_like(snr, dtype=dtype)
-        clipped = snr.clamp(max=self.min_snr_gamma)  # min(SNR, γ): the weight in x_0 space
+        clipped = snr.clamp(min=self.min_snr_floor, max=self.min_snr_gamma)  # the weight in x_0 space
         if self.objective is Objective.EPS:
             w = clipped / snr  # ‖ε − ε̂‖² = SNR ‖x_0 − x̂_0‖²
         elif self.objective is Objective.V:
