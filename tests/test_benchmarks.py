@@ -225,3 +225,27 @@ def test_compare_layouts_data_and_held_out_loss():
     assert list(losses) == list(compare_layouts.EVAL_TIMESTEPS)
     for value in losses.values():
         assert value == pytest.approx(float(eps.square().mean()), rel=1e-5)
+
+
+def test_caption_reliance_variants_and_relation_of_colours():
+    """The diagnostic's caption variants keep the scene's objects and change one thing each, and its
+    layout reading returns the relation a drawn scene was placed in (and None without both colours)."""
+    import numpy as np
+
+    from benchmarks import caption_reliance
+    from datamodules.shapes.grammar import RELATIONS, Obj, parse_caption
+    from datamodules.shapes.scene import draw_scene
+
+    a, b = Obj("red", "circle"), Obj("blue", "square")
+    found = {name: parse_caption(cap) for name, cap in caption_reliance.variants(a, b).items()}
+    assert {name: (objs, rel) for name, (objs, rel, _) in found.items()} == {
+        **{f"relation: {rel}": ([a, b], rel) for rel in RELATIONS},
+        "colours swapped": ([Obj("blue", "circle"), Obj("red", "square")], RELATIONS[0])}
+    boxes = {RELATIONS[0]: ([2, 10, 12, 20], [20, 10, 30, 20]), RELATIONS[1]: ([20, 10, 30, 20], [2, 10, 12, 20]),
+             RELATIONS[2]: ([10, 2, 20, 12], [10, 20, 20, 30]), RELATIONS[3]: ([10, 20, 20, 30], [10, 2, 20, 12])}
+    for rel, (box_a, box_b) in boxes.items():
+        scene = draw_scene({"objects": [{"color": "red", "shape": "circle", "bbox": box_a},
+                                        {"color": "blue", "shape": "square", "bbox": box_b}]}, 32)
+        image = torch.from_numpy(np.asarray(scene, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        assert caption_reliance.relation_of_colours(image, "red", "blue") == rel
+        assert caption_reliance.relation_of_colours(image, "red", "green") is None
