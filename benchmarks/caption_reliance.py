@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from datamodules.shapes.grammar import RELATIONS, Obj, caption
+from datamodules.shapes.grammar import RELATIONS, Obj, caption, parse_caption
 from modules.core.images import to_unit
 from modules.evaluation.shapes_evaluator import detect_objects, relation_between
 from modules.pipelines.unclip import GenerateConfig, PriorMode, UnCLIPPipeline
@@ -59,15 +59,14 @@ def measure(pipe: UnCLIPPipeline, seeds: int, steps: int) -> dict[str, dict[str,
         z_i, z_other = (pipe.image_embeddings(text, cfg, torch.Generator().manual_seed(1000 * p + k)) for k in (1, 2))
         draw = lambda text, z: to_unit(pipe.decode(text, z, cfg, torch.Generator().manual_seed(p), x_T=x_T))  # noqa: E731
         base_images = draw(text, z_i)
-        rows = {"another z_i, base caption": (base_images, draw(text, z_other), RELATIONS[0], a, b)}
-        for name, cap in variants(a, b).items():
-            rel = RELATIONS[0] if name == "colours swapped" else name.removeprefix("relation: ")
-            first, second = (b, a) if name == "colours swapped" else (a, b)
-            rows[name] = (base_images, draw(pipe.encode_text([cap] * seeds), z_i), rel, first, second)
-        for name, (ref, images, rel, first, second) in rows.items():
+        rows = {"another z_i, base caption": (base, draw(text, z_other))}
+        rows.update({name: (cap, base_images if cap == base else draw(pipe.encode_text([cap] * seeds), z_i))
+                     for name, cap in variants(a, b).items()})  # the base caption's own row: drawn once, above
+        for name, (cap, images) in rows.items():
+            (first, second), rel, _ = parse_caption(cap)  # the colours and relation the caption asks for
             t = totals.setdefault(name, {"images": 0, "delta_sum": 0.0, "both_colours": 0, "in_relation": 0})
             t["images"] += seeds
-            t["delta_sum"] += float((images - ref).abs().mean(dim=(1, 2, 3)).sum())
+            t["delta_sum"] += float((images - base_images).abs().mean(dim=(1, 2, 3)).sum())
             for img in images:
                 found = relation_of_colours(img, first.color, second.color)
                 t["both_colours"] += found is not None
