@@ -181,6 +181,43 @@ def test_slerp_endpoints_and_norm():
     assert torch.allclose((mid * a).sum(-1), (mid * b).sum(-1), atol=1e-5)  # equidistant
 
 
+def test_slerp_of_latents_keeps_the_inputs_as_endpoints_and_their_norm():
+    """normalize=False (Gaussian latents): the endpoints are a and b as given, and between two
+    vectors of one norm the path keeps that norm."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3072, generator=g), torch.randn(2, 3072, generator=g)
+    b = b * (a.norm(dim=-1, keepdim=True) / b.norm(dim=-1, keepdim=True))
+    assert torch.allclose(slerp(a, b, 0.0, normalize=False), a, atol=1e-4)
+    assert torch.allclose(slerp(a, b, 1.0, normalize=False), b, atol=1e-4)
+    for theta in (0.25, 0.5, 0.75):
+        mid = slerp(a, b, theta, normalize=False)
+        assert torch.allclose(mid.norm(dim=-1), a.norm(dim=-1), rtol=1e-4)
+    assert torch.allclose(slerp(a, b, 0.5), torch.nn.functional.normalize(slerp(a, b, 0.5, normalize=False), dim=-1),
+                          atol=1e-5)  # the same direction either way
+
+
+def test_interpolation_from_inverted_latents_ends_on_the_reconstructions(saved: Path, monkeypatch):
+    """Paper §3.2's first option: x_T slerps between the inputs' DDIM inversions, so at guidance 1
+    the row's first and last frames are the two images' reconstructions (invert, then decode)."""
+    from modules.diffusion.config import Clipping
+    from modules.pipelines import manipulations
+
+    monkeypatch.setattr(manipulations, "INVERSE_PAIR", Clipping.STATIC)  # a random decoder saturates unclipped
+    pipe = UnCLIPPipeline.load(saved)
+    img = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    row = interpolate(pipe, img[:1], img[1:], num=4, steps=4, guidance_scale=1.0, latent="inverted")
+    rec, _ = reconstruction_error(pipe, img, steps=4, clipping=Clipping.STATIC)
+    assert torch.allclose(row[0], rec[0], atol=1e-4) and torch.allclose(row[-1], rec[1], atol=1e-4)
+    assert not torch.allclose(row[1], rec[0], atol=1e-2) and not torch.allclose(row[1], rec[1], atol=1e-2)
+    random_row = interpolate(pipe, img[:1], img[1:], num=4, steps=4, guidance_scale=1.0, latent="random")
+    assert not torch.allclose(random_row[0], rec[0], atol=1e-2)  # a random x_T: a sample of a's z_i, not a
+    with pytest.raises(ValueError, match="latent must be one of"):
+        interpolate(pipe, img[:1], img[1:], num=2, steps=2, latent="mean")
+    # No scale given: the decoder's own (FAST: 2.0); a scale given: that one.
+    assert manipulations._sampling(pipe, 4).guidance_scale == pipe.decoder.sampling.guidance_scale == 2.0
+    assert manipulations._sampling(pipe, 4, guidance_scale=1.0).guidance_scale == 1.0
+
+
 def test_manipulations_shapes_and_determinism(saved: Path, monkeypatch):
     from modules.diffusion.config import Clipping
     from modules.pipelines import manipulations

@@ -253,19 +253,21 @@ def test_vary_writes_variations_and_a_finite_inversion_error(prior_pipe: Path, p
     assert np.array_equal(imgs, _stack(again))
 
 
-def test_interpolate_row_runs_from_the_first_image_to_the_second(prior_pipe: Path, pngs, tmp_path: Path):
+@pytest.mark.parametrize("latent", ["inverted", "random"])
+def test_interpolate_row_runs_from_the_first_image_to_the_second(prior_pipe: Path, pngs, tmp_path: Path, latent: str):
     def row(a: Path, b: Path, name: str) -> np.ndarray:
         out = tmp_path / name
         assert main(["interpolate", "--pipeline", str(prior_pipe), "--image", str(a), "--image", str(b),
-                     "--num-images", "3", "--steps", "2", "--seed", "2", "--out", str(out)]) == 0
+                     "--num-images", "3", "--steps", "2", "--seed", "2", "--latent", latent, "--out", str(out)]) == 0
         assert _files(out) == ["000_00.png", "000_01.png", "000_02.png", "grid.png", "inputs.json"]
-        assert json.loads((out / "inputs.json").read_text()) == {"images": [str(a), str(b)]}
+        assert json.loads((out / "inputs.json").read_text()) == {"images": [str(a), str(b)], "latent": latent,
+                                                                 "guidance_scale": None}
         return _stack(out)
 
     ab, ac, cb = row(pngs[0], pngs[1], "ab"), row(pngs[0], pngs[2], "ac"), row(pngs[2], pngs[1], "cb")
     assert ab.shape == (3, 32, 32, 3)
-    # theta = 0 is image a's z_i and theta = 1 image b's, decoded from one fixed x_T per row: the
-    # first frame depends on the first image only, the last on the second only (same seed).
+    # theta = 0 is image a's z_i (and, inverted, a's x_T) and theta = 1 image b's: the first frame
+    # depends on the first image only, the last on the second only (same seed).
     assert np.abs(ab[0] - ac[0]).max() <= 1
     assert np.abs(ab[-1] - cb[-1]).max() <= 1
     assert not np.array_equal(ab[0], ab[-1])

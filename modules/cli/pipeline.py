@@ -130,6 +130,11 @@ def vary(argv: list[str]) -> int:
     return 0
 
 
+def _manipulation_guidance(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance-scale", type=real(0.0, 100.0), default=None,
+                   help="decoder guidance on z_i (default: the decoder's own sampling scale)")
+
+
 def interpolate(argv: list[str]) -> int:
     from modules.core.images import load_image, save_images
     from modules.pipelines import manipulations
@@ -138,13 +143,19 @@ def interpolate(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--image", action="append", required=True, help="exactly two images")
     p.add_argument("--num-images", type=count(1, 1024), default=5)
+    p.add_argument("--latent", choices=manipulations.INTERPOLATION_LATENTS, default="inverted",
+                   help="decoder latent: the two images' DDIM inversions slerped (endpoints reconstruct them), "
+                        "or one random x_T for the row (paper §3.2's two options)")
+    _manipulation_guidance(p)
     a = p.parse_args(argv)
     if len(a.image) != 2:
         raise UserError("--image must be given exactly twice")
     pipe = load_pipeline(a.pipeline)
-    out = manipulations.interpolate(pipe, load_image(a.image[0]), load_image(a.image[1]), a.num_images, a.steps, seed=a.seed)
+    out = manipulations.interpolate(pipe, load_image(a.image[0]), load_image(a.image[1]), a.num_images, a.steps,
+                                    guidance_scale=a.guidance_scale, seed=a.seed, latent=a.latent)
     save_images(out, Path(a.out), a.num_images)
-    (Path(a.out) / "inputs.json").write_text(json.dumps({"images": a.image}, indent=2))
+    (Path(a.out) / "inputs.json").write_text(json.dumps(
+        {"images": a.image, "latent": a.latent, "guidance_scale": a.guidance_scale}, indent=2))
     return 0
 
 
@@ -158,12 +169,14 @@ def textdiff(argv: list[str]) -> int:
     p.add_argument("--base-caption", required=True)
     p.add_argument("--caption", required=True)
     p.add_argument("--num-images", type=count(1, 1024), default=5)
-    p.add_argument("--max-theta", type=real(0.0, 1.0), default=0.5)
+    p.add_argument("--max-theta", type=real(0.0, 1.0), default=0.5, help="the last frame's slerp angle (paper: 0.5)")
+    _manipulation_guidance(p)
     a = p.parse_args(argv)
     if not a.base_caption.strip() or not a.caption.strip():
         raise UserError("captions must not be empty")
     pipe = load_pipeline(a.pipeline)
-    out = manipulations.text_diff(pipe, load_image(a.image), a.base_caption, a.caption, a.num_images, a.max_theta, a.steps, seed=a.seed)
+    out = manipulations.text_diff(pipe, load_image(a.image), a.base_caption, a.caption, a.num_images, a.max_theta, a.steps,
+                                  guidance_scale=a.guidance_scale, seed=a.seed)
     save_images(out, Path(a.out), a.num_images)
     (Path(a.out) / "inputs.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, indent=2))
     return 0
