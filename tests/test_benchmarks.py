@@ -249,3 +249,25 @@ def test_caption_reliance_variants_and_relation_of_colours():
         image = torch.from_numpy(np.asarray(scene, dtype=np.float32) / 255.0).permute(2, 0, 1)
         assert caption_reliance.relation_of_colours(image, "red", "blue") == rel
         assert caption_reliance.relation_of_colours(image, "red", "green") is None
+
+
+def test_manipulations_benchmark_targets_and_judge_on_drawn_frames():
+    """Every input object is used once; an interpolation's end changes colour and shape, a text
+    diff's the colour alone; and the judge passes a row of true drawings of start and end and fails
+    it when the two are swapped."""
+    from benchmarks import manipulations
+    from datamodules.shapes.grammar import caption
+
+    objs = manipulations.objects()
+    assert len(objs) == 18 and len(set(objs)) == 18
+    ends = [manipulations.targets(o) for o in objs]
+    for obj, (interp_end, diff_end) in zip(objs, ends):
+        assert interp_end.color != obj.color and interp_end.shape != obj.shape
+        assert diff_end.color == interp_end.color and diff_end.shape == obj.shape
+    assert len({e for e, _ in ends}) == 18  # each object is some row's interpolation end
+    start, end = objs[0], ends[0][0]
+    frames = torch.cat([manipulations.scene(start, 0), manipulations.scene(end, 0)])
+    assert frames.shape == (2, 3, 64, 64)
+    assert manipulations.judge(frames, caption([start]), caption([end])) == {"start": True, "end": True, "both": True}
+    assert manipulations.judge(frames.flip(0), caption([start]), caption([end])) == {"start": False, "end": False,
+                                                                                     "both": False}
