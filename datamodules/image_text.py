@@ -195,7 +195,9 @@ class ImageTextDataModule(pl.LightningDataModule):
             once per epoch, shards dealt over ranks then workers.
         val_samples: fixed number of validation samples (the first ones in shard order).
         tokenizer: open_clip model name whose tokenizer encodes captions (None: no tokens).
-        hflip: random horizontal flips (off: they falsify left/right captions).
+        hflip: random horizontal flips; a flipped sample's caption and hard negatives have their
+            "left" / "right" swapped (`steps.mirror_caption`, unless `mirror_captions` is off), so
+            relation captions stay true of the flipped image.
         negatives: hard-negative captions for contrastive training (`datamodules.negatives`:
             `ShapesNegatives`, `WordSwapNegatives`); training batches then carry
             `negative_tokens` (B, k, L) and may carry rephrased positives. None: plain captions.
@@ -217,6 +219,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         val_samples: int = 256,
         tokenizer: str | None = "ViT-B-32",
         hflip: bool = False,
+        mirror_captions: bool = True,
         negatives: CaptionNegatives | None = None,
         max_caption_bytes: int = 4096,
         allow_pipe: bool = False,
@@ -280,7 +283,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         else:
             body.append(steps.TakeStrided(hp.val_samples, self.rank, self.world_size))
         body += [
-            steps.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed, rank=self.rank),
+            steps.ImageTransform(hp.image_size, hflip=train and hp.hflip, seed=hp.seed, rank=self.rank,
+                                 mirror_captions=hp.mirror_captions),
             *self.finish_steps(),
         ]
         batch_size = self.loader.batch(train)

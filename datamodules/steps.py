@@ -196,16 +196,35 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the horizontally mirrored image: the whole words "left" and "right" swapped,
+    case kept ("to the left of" <-> "to the right of"; "bright", "leftover" untouched). A heuristic
+    for free text: it also swaps "right" meaning "correct"."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _LEFT_RIGHT.sub(swap, text)
+
+
 class ImageTransform:
     """Resize / centre crop, optional horizontal flip, normalise to [-1, 1].
 
-    Flips are off by default: they would make `to the left of` captions false. Their RNG is keyed
-    like `SampleShuffle`'s, by (seed, rank, worker, epoch): ranks, workers and epochs flip
-    independently (`set_epoch`).
+    A flipped sample's caption (and its hard negatives, if any) is mirrored with it
+    (`mirror_caption`), so "A to the left of B" stays true of the flipped image; `mirror_captions=False`
+    flips the image alone. Flips are off by default. Their RNG is keyed like `SampleShuffle`'s, by
+    (seed, rank, worker, epoch): ranks, workers and epochs flip independently (`set_epoch`).
     """
 
-    def __init__(self, size: int, hflip: bool = False, seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, size: int, hflip: bool = False, seed: int = 0, rank: int = 0,
+                 mirror_captions: bool = True) -> None:
         self.size, self.hflip, self.seed, self.rank, self.epoch = size, hflip, seed, rank, 0
+        self.mirror_captions = mirror_captions
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -217,7 +236,18 @@ class ImageTransform:
             image = resize_center_crop(sample["image"], self.size)
             if self.hflip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                if self.mirror_captions:
+                    sample = self._mirrored(sample)
             yield {**sample, "image": to_tensor(image)}
+
+    @staticmethod
+    def _mirrored(sample: Sample) -> Sample:
+        out = dict(sample)
+        if isinstance(out.get("caption"), str):
+            out["caption"] = mirror_caption(out["caption"])
+        if out.get("negatives") is not None:
+            out["negatives"] = [mirror_caption(n) for n in out["negatives"]]
+        return out
 
 
 class TakeStrided:

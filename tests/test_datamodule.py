@@ -153,6 +153,50 @@ def test_pattern_matching_nothing_is_one_clear_error(tmp_path: Path):
         shards.expand_shards("pipe:curl http://example/x.tar")
 
 
+def test_mirror_caption_swaps_left_and_right_words_only() -> None:
+    from datamodules.steps import mirror_caption
+
+    assert mirror_caption("a red circle to the left of a blue square") == "a red circle to the right of a blue square"
+    assert mirror_caption("Right of the LEFT door, a bright leftover") == "Left of the RIGHT door, a bright leftover"
+    for text in ("a red circle above a blue square", "left right left", "no relation here"):
+        assert mirror_caption(mirror_caption(text)) == text  # an involution
+
+
+def test_flipped_shapes_scenes_keep_true_captions() -> None:
+    """hflip with mirrored captions: every flipped two-object scene's caption still names the
+    relation the evaluator reads off the flipped image (and its negatives are mirrored too);
+    without mirroring the flipped left/right captions are false."""
+    from datamodules.shapes.grammar import Obj, caption, parse_caption
+    from datamodules.shapes.scene import draw_scene, layout_scene
+    from datamodules.steps import ImageTransform
+    from modules.evaluation.shapes_evaluator import detect_objects, relation_between
+
+    a, b = Obj("red", "circle"), Obj("blue", "triangle")
+    samples = []
+    for i, relation in enumerate(["to the left of", "to the right of", "above", "below"] * 6):
+        truth = layout_scene(np.random.default_rng(i), 32, [a, b], relation)
+        samples.append({"image": draw_scene(truth, 32), "key": str(i), "caption": caption([a, b], relation),
+                        "negatives": [caption([b, a], relation)]})
+
+    def relations(transform: ImageTransform) -> list[tuple[str, str, list[str]]]:
+        out = []
+        for s in transform(iter(samples)):
+            found = detect_objects((s["image"] + 1) / 2)
+            subject = next(d for d in found if d.color == "red")
+            other = next(d for d in found if d.color == "blue")
+            out.append((relation_between(subject, other), parse_caption(s["caption"])[1], s["negatives"]))
+        return out
+
+    mirrored = relations(ImageTransform(32, hflip=True, seed=0))
+    assert all(seen == said for seen, said, _ in mirrored)
+    flipped_lr = [(seen, negs) for seen, said, negs in mirrored if seen in ("to the left of", "to the right of")]
+    asked = [parse_caption(s["caption"])[1] for s in samples]
+    assert any(before != seen for before, (seen, _, _) in zip(asked, mirrored))  # some scenes were flipped
+    assert all(negs == [caption([b, a], seen)] for seen, negs in flipped_lr)
+    plain = relations(ImageTransform(32, hflip=True, seed=0, mirror_captions=False))
+    assert any(seen != said for seen, said, _ in plain)
+
+
 def test_flips_are_keyed_by_rank_worker_and_epoch() -> None:
     """hflip draws differ between epochs and ranks, and repeat for the same (seed, rank, epoch)."""
     from PIL import Image as PILImage
