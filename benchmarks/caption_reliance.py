@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
 
+from benchmarks.table import print_table
 from datamodules.shapes.grammar import RELATIONS, Obj, caption, parse_caption
 from modules.core.images import to_unit
 from modules.evaluation.shapes_evaluator import detect_objects, relation_between
@@ -82,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="decoder DDIM steps")
     a = p.parse_args(argv)
     table = measure(UnCLIPPipeline.load(a.pipeline), a.seeds, a.steps)
-    print(f"{'caption (z_i, x_T fixed)':<34}{'images':>7}{'mean |change|':>15}{'both colours':>14}{'in relation':>13}")
-    for name, row in table.items():
-        print(f"{name:<34}{row['images']:>7}{row['mean_abs_change']:>15.4f}{row['both_colours']:>14}{row['in_relation']:>13.3f}")
-    print(json.dumps(table))
+    print_table("caption (z_i, x_T fixed)", table, [("images", "images", "d"), ("mean_abs_change", "mean |change|", ".4f"),
+                                                    ("both_colours", "both colours", "d"), ("in_relation", "in relation", ".3f")])
     return 0
 
 

@@ -20,11 +20,11 @@ row's decoder seed is k too, so two runs print the same table.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
 
+from benchmarks.table import print_table
 from datamodules.shapes.grammar import COLORS, SHAPES, Obj, caption
 from datamodules.shapes.scene import draw_scene, layout_scene
 from modules.evaluation.shapes_evaluator import evaluate_image
@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-theta", type=float, default=0.5, help="text diff's last slerp angle (paper: 0.5)")
     a = p.parse_args(argv)
     table = measure(UnCLIPPipeline.load(a.pipeline), a.guidance, a.latents, a.steps, a.frames, a.max_theta)
-    print(f"{'manipulation':<40}{'rows':>6}{'first frame right':>19}{'last frame right':>18}{'both':>7}")
-    for name, row in table.items():
-        print(f"{name:<40}{row['rows']:>6}{row['start']:>19.3f}{row['end']:>18.3f}{row['both']:>7.3f}")
-    print(json.dumps(table))
+    print_table("manipulation", table, [("rows", "rows", "d"), ("start", "first frame right", ".3f"),
+                                         ("end", "last frame right", ".3f"), ("both", "both", ".3f")], name_width=40)
     return 0
 
 

@@ -271,3 +271,15 @@ def test_manipulations_benchmark_targets_and_judge_on_drawn_frames():
     assert manipulations.judge(frames, caption([start]), caption([end])) == {"start": True, "end": True, "both": True}
     assert manipulations.judge(frames.flip(0), caption([start]), caption([end])) == {"start": False, "end": False,
                                                                                      "both": False}
+
+
+def test_print_table_aligns_rows_and_ends_with_the_json(capsys):
+    import json
+
+    from benchmarks.table import print_table
+
+    table = {"a": {"n": 3, "x": 0.5}, "longer name": {"n": 12, "x": 0.125}}
+    print_table("row", table, [("n", "count", "d"), ("x", "rate", ".3f")], name_width=12)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "a" + " " * 11 + "      3  0.500" and lines[2] == "longer name " + "     12  0.125"
+    assert len({len(line) for line in lines[:3]}) == 1 and json.loads(lines[3]) == table
