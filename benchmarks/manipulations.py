@@ -25,17 +25,13 @@ import numpy as np
 import torch
 
 from benchmarks.table import print_table
-from datamodules.shapes.grammar import COLORS, SHAPES, Obj, caption
+from datamodules.shapes.grammar import ALL_OBJECTS, COLORS, SHAPES, Obj, caption
 from datamodules.shapes.scene import draw_scene, layout_scene
 from modules.evaluation.shapes_evaluator import evaluate_image
 from modules.pipelines import manipulations
 from modules.pipelines.unclip import UnCLIPPipeline
 
 SCENE_SIZE = 64  # the demo's manipulation inputs are drawn at 64 px
-
-
-def objects() -> list[Obj]:
-    return [Obj(c, s) for c in COLORS for s in SHAPES]
 
 
 def targets(obj: Obj) -> tuple[Obj, Obj]:
@@ -62,7 +58,7 @@ def judge(frames: torch.Tensor, start: str, end: str) -> dict[str, bool]:
 def measure(pipe: UnCLIPPipeline, guidance: list[float], latents: list[str], steps: int, frames: int,
             max_theta: float, limit: int | None = None) -> dict[str, dict[str, float]]:
     """Pass rates per (manipulation, guidance scale) over the grammar's single objects."""
-    inputs = objects()[:limit]
+    inputs = ALL_OBJECTS[:limit]
     table: dict[str, dict[str, float]] = {}
     for scale in guidance:
         names = [f"interpolate ({latent} x_T)" for latent in latents] + ["textdiff"]

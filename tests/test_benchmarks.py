@@ -256,9 +256,9 @@ def test_manipulations_benchmark_targets_and_judge_on_drawn_frames():
     diff's the colour alone; and the judge passes a row of true drawings of start and end and fails
     it when the two are swapped."""
     from benchmarks import manipulations
-    from datamodules.shapes.grammar import caption
+    from datamodules.shapes.grammar import ALL_OBJECTS, caption
 
-    objs = manipulations.objects()
+    objs = ALL_OBJECTS
     assert len(objs) == 18 and len(set(objs)) == 18
     ends = [manipulations.targets(o) for o in objs]
     for obj, (interp_end, diff_end) in zip(objs, ends):

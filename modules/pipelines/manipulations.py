@@ -35,9 +35,10 @@ def slerp(a: Tensor, b: Tensor, theta: float | Tensor, normalize: bool = True) -
     """Spherical interpolation along the last dim: sin((1-t)w)/sin(w) a + sin(t w)/sin(w) b, w the angle
     between a and b. `normalize`: of unit vectors (a and b normalised first); else the weights apply to
     a and b as given (Gaussian latents, whose norms are both about sqrt(d) and stay so)."""
+    unit_a, unit_b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     if normalize:
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    cos = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1, keepdim=True)
+        a, b = unit_a, unit_b
+    cos = (unit_a * unit_b).sum(-1, keepdim=True)
     omega = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
     theta = torch.as_tensor(theta, dtype=a.dtype, device=a.device)
     return (torch.sin((1 - theta) * omega) * a + torch.sin(theta * omega) * b) / torch.sin(omega)
