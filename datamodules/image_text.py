@@ -18,8 +18,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules import shards, steps
+from datamodules.layout import ReadLayout
 from datamodules.negatives import AddNegatives, CaptionNegatives
 from datamodules.steps import Sample
+from modules.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         negatives: hard-negative captions for contrastive training (`datamodules.negatives`:
             `ShapesNegatives`, `WordSwapNegatives`); training batches then carry
             `negative_tokens` (B, k, L) and may carry rephrased positives. None: plain captions.
+        layout_slots: > 0: every sample's `{key}.json` gives its objects' boxes and phrases, up to this
+            many (`datamodules.layout.ReadLayout`); batches then carry `layout_boxes` (B, K, 4),
+            `layout_mask` (B, K) and `layout_phrases` (B lists of K strings). 0: no layout.
         allow_pipe: allow `pipe:` shard URLs (they run shell commands).
         loader: batch sizes, workers and how they start (`LoaderConfig`; its
             `multiprocessing_context` "spawn" / "forkserver" work too: the pipeline pickles).
@@ -222,9 +227,12 @@ class ImageTextDataModule(pl.LightningDataModule):
         mirror_captions: bool = True,
         negatives: CaptionNegatives | None = None,
         max_caption_bytes: int = 4096,
+        layout_slots: int = 0,
         allow_pipe: bool = False,
     ) -> None:
         super().__init__()
+        if not 0 <= layout_slots <= 64:
+            raise ConfigError(f"data.layout_slots: {layout_slots} is outside [0, 64]")
         self.loader = loader or LoaderConfig()
         self.negatives = negatives
         self.save_hyperparameters(ignore=["loader", "negatives"])
@@ -274,8 +282,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             head = [shard_list] + ([shards.SplitByNode(self.rank, self.world_size), shards.split_by_worker] if train else [])
         body = [
             steps.TarToSamples(counter),
-            steps.DecodeSamples(counter, rules, extra=self.extra_fields()),
+            steps.DecodeSamples(counter, rules, extra=self.extra_fields() + (("json",) if hp.layout_slots else ())),
         ]
+        if hp.layout_slots:
+            body.append(ReadLayout(counter, hp.layout_slots))
         if train and self.negatives is not None:
             body.append(AddNegatives(self.negatives, hp.seed + self.rank))
         if train:

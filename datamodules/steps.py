@@ -212,12 +212,19 @@ def mirror_caption(text: str) -> str:
     return _LEFT_RIGHT.sub(swap, text)
 
 
+def mirror_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes (..., 4) [x0, y0, x1, y1] in [0, 1] of the horizontally flipped canvas: x -> 1 - x."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([1 - x1, y0, 1 - x0, y1], dim=-1)
+
+
 class ImageTransform:
     """Resize / centre crop, optional horizontal flip, normalise to [-1, 1].
 
     A flipped sample's caption (and its hard negatives, if any) is mirrored with it
     (`mirror_caption`), so "A to the left of B" stays true of the flipped image; `mirror_captions=False`
-    flips the image alone. Flips are off by default. Their RNG is keyed like `SampleShuffle`'s, by
+    flips the image alone; layout boxes (`datamodules.layout`) are always mirrored with the image.
+    Flips are off by default. Their RNG is keyed like `SampleShuffle`'s, by
     (seed, rank, worker, epoch): ranks, workers and epochs flip independently (`set_epoch`).
     """
 
@@ -236,6 +243,8 @@ class ImageTransform:
             image = resize_center_crop(sample["image"], self.size)
             if self.hflip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                if "layout_boxes" in sample:  # boxes follow the image, whatever the captions do
+                    sample = {**sample, "layout_boxes": mirror_boxes(sample["layout_boxes"])}
                 if self.mirror_captions:
                     sample = self._mirrored(sample)
             yield {**sample, "image": to_tensor(image)}

@@ -53,7 +53,8 @@ ALL_OBJECTS: tuple[Obj, ...] = tuple(Obj(c, s) for c in COLORS for s in SHAPES)
 
 
 # ----------------------------------------------------------------------------- captions
-def _phrase(obj: dict[str, Any]) -> str:
+def phrase(obj: dict[str, Any]) -> str:
+    """One object's noun phrase: "a red circle", "an orange square"."""
     article = "an" if obj["color"][0] in "aeiou" else "a"
     return f"{article} {obj['color']} {obj['shape']}"
 
@@ -61,10 +62,10 @@ def _phrase(obj: dict[str, Any]) -> str:
 def describe(truth: dict[str, Any]) -> str:
     """Caption of a truth dict: its template filled with "a red circle [REL a blue square]"."""
     objs = truth["objects"]
-    phrase = _phrase(objs[0])
+    text = phrase(objs[0])
     if truth.get("relation"):
-        phrase = f"{phrase} {truth['relation']} {_phrase(objs[1])}"
-    return truth.get("template", "{}").format(phrase)
+        text = f"{text} {truth['relation']} {phrase(objs[1])}"
+    return truth.get("template", "{}").format(text)
 
 
 _OBJ_RE = rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"

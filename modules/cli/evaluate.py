@@ -71,6 +71,8 @@ def evaluate_shapes(argv: list[str]) -> int:
     p.add_argument("--text-guidance-scale", type=real(0.0, 100.0), default=None,
                    help="nested guidance: the caption's own scale, --guidance-scale then weighs z_i alone "
                         "(default: the decoder's own, usually joint guidance)")
+    p.add_argument("--no-layout", action="store_true",
+                   help="sample without the pipeline's layout stage (ablation; the decoder gets the null layout)")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance_scale),
@@ -84,5 +86,5 @@ def evaluate_shapes(argv: list[str]) -> int:
     pipe = load_pipeline(a.pipeline)
     with new_output(a.out):
         shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, upsample=not a.no_upsample,
-                        decoder_candidates=a.decoder_candidates, decoder_overrides=overrides)
+                        decoder_candidates=a.decoder_candidates, decoder_overrides=overrides, use_layout=not a.no_layout)
     return 0

@@ -58,10 +58,12 @@ def assemble(argv: list[str]) -> int:
     p.add_argument("--prior-class", default="modules.stages.prior.PriorModule")
     p.add_argument("--decoder", required=True, help="decoder stage checkpoint")
     p.add_argument("--upsampler", action="append", default=[], help="upsampler checkpoint (repeat, low to high)")
+    p.add_argument("--layout", default=None, help="layout stage checkpoint (for a decoder trained with layouts)")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
     # PipelineError (a UserError) and FileNotFoundError are reported by `unclip` as one line.
-    pipe = UnCLIPPipeline.from_checkpoints(a.clip_model, a.clip_weights, a.decoder, a.prior, a.upsampler, a.prior_class)
+    pipe = UnCLIPPipeline.from_checkpoints(a.clip_model, a.clip_weights, a.decoder, a.prior, a.upsampler, a.prior_class,
+                                           a.layout)
     print(f"pipeline written to {pipe.save(a.out)}")
     return 0
 

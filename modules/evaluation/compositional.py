@@ -35,18 +35,22 @@ def val_captions(pattern: str, n: int) -> list[str]:
 
 @torch.no_grad()
 def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0, upsample: bool = True,
-          decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+          decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None,
+          use_layout: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate one image per caption and score it; returns (accuracy table + rows, images).
-    `decoder_overrides` (SamplingConfig fields, e.g. steps) replace the decoder's own sampling."""
+    `decoder_overrides` (SamplingConfig fields, e.g. steps) replace the decoder's own sampling;
+    `use_layout=False` samples without the layout stage's plan (ablation)."""
     sampling = dataclasses.replace(pipe.decoder.sampling, **decoder_overrides) if decoder_overrides else None
-    cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates)
+    cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates,
+                         use_layout=use_layout)
     images = pipe.generate(captions, 1, seed=seed, config=cfg)
     rows = [evaluate_image(img, cap) for img, cap in zip(images, captions)]
     return {"table": accuracy_table(rows), "rows": rows}, images
 
 
 def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, seed: int = 0, upsample: bool = True,
-                    decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                    decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None,
+                    use_layout: bool = True) -> dict[str, Any]:
     """Score `captions` with and without the prior; writes `out/{prior,text}/` (rows.json, images)
     and `out/shapes_accuracy.json`, and returns that report."""
     from modules.core.images import save_images
@@ -54,12 +58,13 @@ def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, see
     decoder_overrides = decoder_overrides or {}
     report: dict[str, Any] = {"num_prompts": len(captions), "seed": seed, "decoder_steps": decoder_overrides.get("steps"),
                               "resolution": "final" if upsample else "decoder", "decoder_candidates": decoder_candidates,
-                              "decoder_overrides": decoder_overrides}
+                              "decoder_overrides": decoder_overrides,
+                              "layout": pipe.layout is not None and use_layout}
     for mode in (PriorMode.PRIOR, PriorMode.TEXT):
         if mode is PriorMode.PRIOR and pipe.prior is None:
             continue
         result, images = score(pipe, captions, mode, seed, upsample=upsample, decoder_candidates=decoder_candidates,
-                               decoder_overrides=decoder_overrides)
+                               decoder_overrides=decoder_overrides, use_layout=use_layout)
         report[mode.value] = result["table"]
         (out / mode.value).mkdir(parents=True, exist_ok=True)
         (out / mode.value / "rows.json").write_text(json.dumps(result["rows"], indent=1))

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.core.errors import ConfigError
 from modules.core.hparams import check_range
+from modules.networks.layout import LayoutEncoder
 from modules.networks.linear import Linear
 from modules.networks.transformer import TransformerStack
 from modules.networks.unet_blocks import (
@@ -56,6 +57,8 @@ class UNetConfig:
     ``attention_positions``: every attention block adds a fixed 2-D sin-cos position embedding to its
     spatial tokens (``AttentionBlock``), so attention can compare where two positions are; GLIDE's
     has none (it is permutation-equivariant over positions). Parameter-free.
+    ``layout_dim`` set: the U-Net also takes a layout (object boxes with their phrases' embeddings of
+    this width, `modules.networks.layout`), painted into a map and added to conv_in's output.
     """
 
     image_size: int = 64
@@ -83,6 +86,7 @@ class UNetConfig:
     recompute_norms: bool = False  # recompute GroupNorm(+modulation)+SiLU in backward instead of storing
     conv_before_upsample: bool = False  # Imagen's Efficient U-Net order: up-convs at the low resolution
     attention_positions: bool = False  # 2-D sin-cos position embedding in every attention block
+    layout_dim: Optional[int] = None  # phrase-embedding width of a layout map (modules/networks/layout.py)
 
     def __post_init__(self) -> None:
         if self.conv_before_upsample and self.resblock_updown:
@@ -108,7 +112,7 @@ class UNetConfig:
                            ("num_head_channels", 4096), ("num_image_tokens", 256), ("num_groups", 1024)):
             check_range("unet", name, getattr(self, name), 1, high)
         check_range("unet", "dropout", self.dropout, 0.0, 1.0)
-        for name in ("image_embed_dim", "text_embed_dim", "context_dim"):
+        for name in ("image_embed_dim", "text_embed_dim", "context_dim", "layout_dim"):
             if getattr(self, name) is not None:
                 check_range("unet", name, getattr(self, name), 1, 65536)
         check_range("unet", "text_layers", self.text_layers, 0, 64)
@@ -279,7 +283,8 @@ class UnclipConditioner(nn.Module):
 class UNet(nn.Module):
     """GLIDE / ADM U-Net with unCLIP conditioning; predicts ε (and variance if out_channels = 2C).
 
-    ``forward(x, t, *, image_embed, text_tokens, text_mask, drop_image, drop_text, text_ids)``:
+    ``forward(x, t, *, image_embed, text_tokens, text_mask, drop_image, drop_text, text_ids, layout_boxes,
+    layout_embeds, layout_mask, drop_layout)``:
     x (B, C, H, W) with H, W divisible by 2**(len(channel_mult) - 1); t (B,) timestep indices
     (0..999). Conditioning that is enabled but not given is treated as dropped (the learned null);
     conditioning disabled in the config must not be given (drop masks are then ignored).
@@ -297,6 +302,7 @@ class UNet(nn.Module):
         self.conditioner = UnclipConditioner(c)
         self._num_downsamples = len(c.channel_mult) - 1
         self.conv_in = nn.Conv2d(self._input_channels(), mc, 3, padding=1)
+        self.layout = LayoutEncoder(c.layout_dim, mc) if c.layout_dim is not None else None
         self.input_blocks, skip_channels, ch = self._build_down()
         self.middle_block = CondSequential(
             self._res(ch, ch),
@@ -398,25 +404,46 @@ class UNet(nn.Module):
         drop_image: Optional[Tensor] = None,
         drop_text: Optional[Tensor] = None,
         text_ids: Optional[Tensor] = None,
+        layout_boxes: Optional[Tensor] = None,  # (B, K, 4) [x0, y0, x1, y1] in [0, 1]
+        layout_embeds: Optional[Tensor] = None,  # (B, K, D) unit phrase embeddings
+        layout_mask: Optional[Tensor] = None,  # (B, K) bool, True = a slot with an object
+        drop_layout: Optional[Tensor] = None,  # (B,) bool, True = the null (empty) layout
     ) -> Tensor:
         cond = self.conditioner(
             self.embed_timestep(t), image_embed, text_tokens, text_mask, drop_image, drop_text, text_ids
         )
-        return self.run_body(x, cond)
+        return self.run_body(x, cond, self.layout_features(x, layout_boxes, layout_embeds, layout_mask, drop_layout))
+
+    def layout_features(self, x: Tensor, boxes: Optional[Tensor], embeds: Optional[Tensor], mask: Optional[Tensor],
+                        drop: Optional[Tensor]) -> Optional[Tensor]:
+        """The layout map's features (B, model_channels, H, W), or None without a layout (the null)."""
+        given = [v is not None for v in (boxes, embeds, mask)]
+        if any(given) and self.layout is None:
+            raise ValueError("layout given but unet.layout_dim is None")
+        if not all(given):
+            if any(given):
+                raise ValueError("a layout needs layout_boxes, layout_embeds and layout_mask together")
+            return None
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"a layout needs a square image, got {tuple(x.shape[-2:])}")
+        return self.layout(boxes, embeds, mask.bool(), x.shape[-1], drop)
 
     def _call(self, block: nn.Module, h: Tensor, cond: Conditioning) -> Tensor:
         if self.config.use_checkpoint and torch.is_grad_enabled():
             return checkpoint(block, h, cond, use_reentrant=False)
         return block(h, cond)
 
-    def run_body(self, x: Tensor, cond: Conditioning) -> Tensor:
-        """The U-Net proper: x (B, C, H, W) -> (B, out_channels, H, W) given the conditioning."""
+    def run_body(self, x: Tensor, cond: Conditioning, extra: Optional[Tensor] = None) -> Tensor:
+        """The U-Net proper: x (B, C, H, W) -> (B, out_channels, H, W) given the conditioning
+        (`extra`: features added to conv_in's output, e.g. the layout's)."""
         factor = 2**self._num_downsamples
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"H and W must be divisible by {factor}, got {tuple(x.shape[-2:])}")
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)  # (B, mc, H, W)
+        if extra is not None:
+            h = h + extra.to(h.dtype)
         skips = [h]
         for block in self.input_blocks:
             h = self._call(block, h, cond)

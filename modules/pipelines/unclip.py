@@ -1,5 +1,8 @@
 """`UnCLIPPipeline`: text -> CLIP z_t -> prior z_i (best of n) -> decoder 64 px (best of n) -> upsamplers.
 
+With a layout stage (`modules.stages.layout`) and a layout-conditioned decoder, the caption's
+object phrases are first placed in boxes, and the decoder draws in that plan.
+
 A pipeline directory holds `pipeline.json` (format name + version, and per stage its class path,
 plain hyperparameters and weight file) and one `.safetensors` file per stage: no pickle anywhere.
 Only the project's own stage classes may be named (a pipeline file cannot import arbitrary code).
@@ -33,7 +36,8 @@ from modules.pipelines.store import (
     save_weights,
     upsampler_entries,
 )
-from modules.stages.conditioning import best_of, clip_dims, finish_condition, repeat_rows
+from modules.stages.conditioning import best_of, clip_dims, finish_condition, phrase_embeddings, repeat_rows
+from modules.stages.layout import LayoutModule
 from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
 from modules.stages.registry import STAGE_CLASSES, StageKind
 
@@ -60,6 +64,7 @@ class GenerateConfig:
     decoder_sampling: SamplingConfig | None = None
     upsampler_sampling: list[SamplingConfig | None] = field(default_factory=list)
     upsample: bool = True  # False: stop at the decoder's resolution
+    use_layout: bool = True  # False: no layout plan even when the pipeline has a layout stage (ablation)
     batch_size: int = 16
 
 
@@ -98,10 +103,13 @@ class UnCLIPPipeline(nn.Module):
     decoder: DecoderStage
 
     def __init__(self, clip: FrozenCLIP, decoder: DecoderStage, prior: PriorStage | None = None,
-                 upsamplers: list[UpsamplerStage] | None = None) -> None:
+                 upsamplers: list[UpsamplerStage] | None = None, layout: LayoutModule | None = None) -> None:
         super().__init__()
-        check_same_clip(clip.model_name, {"decoder": decoder, "prior": prior})
-        self.clip, self.prior, self.decoder = clip, prior, decoder
+        check_same_clip(clip.model_name, {"decoder": decoder, "prior": prior, "layout": layout})
+        if layout is not None and not getattr(decoder, "hparams", {}).get("condition_on_layout"):
+            raise PipelineError("layout: the decoder was not trained with layouts (condition_on_layout)")
+        self.clip, self.prior, self.decoder, self.layout = clip, prior, decoder, layout
+        self._phrases: dict[str, Tensor] = {}
         self.upsamplers = nn.ModuleList(upsamplers or [])
         self.tokenizer = open_clip.get_tokenizer(clip.model_name)
         self.requires_grad_(False).eval()
@@ -114,12 +122,13 @@ class UnCLIPPipeline(nn.Module):
     @classmethod
     def from_checkpoints(cls, clip_model: str, clip_weights: str | None, decoder: str, prior: str | None = None,
                          upsamplers: list[str] | None = None,
-                         prior_class: str = "modules.stages.prior.PriorModule") -> UnCLIPPipeline:
+                         prior_class: str = "modules.stages.prior.PriorModule", layout: str | None = None) -> UnCLIPPipeline:
         return cls(
             FrozenCLIP(clip_model, clip_weights),
             load_stage_checkpoint(StageKind.DECODER, decoder, STAGE_CLASSES[StageKind.DECODER][0]),
             load_stage_checkpoint(StageKind.PRIOR, prior, prior_class) if prior else None,
             [load_stage_checkpoint(StageKind.UPSAMPLER, p, STAGE_CLASSES[StageKind.UPSAMPLER][0]) for p in upsamplers or []],
+            load_stage_checkpoint(StageKind.LAYOUT, layout, STAGE_CLASSES[StageKind.LAYOUT][0]) if layout else None,
         )
 
     def save(self, directory: str | Path) -> Path:
@@ -129,6 +138,7 @@ class UnCLIPPipeline(nn.Module):
             spec["clip"] = {"model_name": self.clip.model_name, "weights": "clip.safetensors"}
             save_weights(self.clip.model, tmp / "clip.safetensors")
             stages = [("decoder", self.decoder)] + ([("prior", self.prior)] if self.prior is not None else [])
+            stages += [("layout", self.layout)] if self.layout is not None else []
             for kind, module in stages:
                 spec[kind] = save_stage(module, tmp, kind)
             spec["upsamplers"] = [save_stage(m, tmp, f"upsampler{i}") for i, m in enumerate(self.upsamplers)]
@@ -142,7 +152,8 @@ class UnCLIPPipeline(nn.Module):
         clip = load_clip_entry(spec["clip"], directory, spec_path)
         prior = load_stage(StageKind.PRIOR, spec["prior"], directory, spec_path) if spec.get("prior") else None
         ups = [load_stage(StageKind.UPSAMPLER, e, directory, spec_path) for e in upsampler_entries(spec, spec_path)]
-        return cls(clip, load_stage(StageKind.DECODER, spec["decoder"], directory, spec_path), prior, ups).to(device)
+        layout = load_stage(StageKind.LAYOUT, spec["layout"], directory, spec_path) if spec.get("layout") else None
+        return cls(clip, load_stage(StageKind.DECODER, spec["decoder"], directory, spec_path), prior, ups, layout).to(device)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,11 +172,24 @@ class UnCLIPPipeline(nn.Module):
         return self.prior.generate(text, num_candidates=cfg.num_candidates, sampling=cfg.prior_sampling, generator=generator)
 
     @torch.no_grad()
+    def plan_layout(self, prompts: list[str], generator: torch.Generator | None) -> dict[str, Tensor]:
+        """The layout stage's plan for each prompt: its object phrases (embedded by the pipeline's CLIP)
+        in boxes sampled for them and their relation, as decoder kwargs `layout_boxes` (B, K, 4), `layout_embeds`, `layout_mask`."""
+        if self.layout is None:
+            raise PipelineError("this pipeline has no layout stage")
+        phrases, relations = self.layout.parse(prompts)
+        embeds, mask = phrase_embeddings(self.clip, self.tokenizer, phrases, self.device, self._phrases)
+        plan = {"layout_embeds": embeds, "layout_mask": mask}
+        boxes = self.layout.generate({**plan, "layout_relation": relations.to(self.device)}, generator=generator)
+        return {**plan, "layout_boxes": boxes}
+
+    @torch.no_grad()
     def decode(self, text: dict[str, Tensor], image_embed: Tensor, cfg: GenerateConfig,
-               generator: torch.Generator | None, x_T: Tensor | None = None) -> Tensor:
+               generator: torch.Generator | None, x_T: Tensor | None = None,
+               layout: dict[str, Tensor] | None = None) -> Tensor:
         """Decoder (best of `cfg.decoder_candidates` by CLIP score) then upsamplers: images (B, 3, S, S)
-        in [-1, 1] at the final resolution."""
-        kwargs, n = self.decoder_kwargs(text, image_embed), cfg.decoder_candidates
+        in [-1, 1] at the final resolution; `layout`: a plan from `plan_layout` (None: none)."""
+        kwargs, n = self.decoder_kwargs(text, image_embed, layout), cfg.decoder_candidates
         if n < 1 or (n > 1 and x_T is not None):
             raise ValueError(f"decoder_candidates must be >= 1, and 1 when x_T is given; got {n}")
         if n > 1:
@@ -180,10 +204,11 @@ class UnCLIPPipeline(nn.Module):
             x = up.generate(x, sampling=sampling, generator=generator)
         return x
 
-    def decoder_kwargs(self, text: dict[str, Tensor] | None, image_embed: Tensor) -> dict[str, Tensor]:
+    def decoder_kwargs(self, text: dict[str, Tensor] | None, image_embed: Tensor,
+                       layout: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """U-Net kwargs; `text=None` conditions on the image embedding alone (caption dropped)."""
         if text is not None:
-            return self.decoder.unet_kwargs({**text, "image_embed": image_embed}, drop=False)
+            return self.decoder.unet_kwargs({**text, "image_embed": image_embed, **(layout or {})}, drop=False)
         text = self.encode_text([" "] * image_embed.shape[0])
         kwargs = self.decoder.unet_kwargs({**text, "image_embed": image_embed}, drop=False)
         if "drop_text" in kwargs:
@@ -204,7 +229,8 @@ class UnCLIPPipeline(nn.Module):
             chunk = expanded[start : start + cfg.batch_size]
             text = self.encode_text(chunk)
             z_i = self.image_embeddings(text, cfg, generator)
-            out.append(self.decode(text, z_i, cfg, generator))
+            layout = self.plan_layout(chunk, generator) if cfg.use_layout and self.layout is not None else None
+            out.append(self.decode(text, z_i, cfg, generator, layout=layout))
         return to_unit(torch.cat(out))
 
 

@@ -9,7 +9,7 @@ saved in stage checkpoints (its own checkpoint path, in the saved config, record
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import open_clip
 import torch
@@ -57,6 +57,29 @@ def best_of(keys: Tensor, text_embed: Tensor) -> Tensor:
     return torch.einsum("bnd,bd->bn", keys, text_embed.to(keys)).argmax(dim=1)
 
 
+def phrase_embeddings(clip: FrozenCLIP, tokenizer: Any, phrases: Sequence[Sequence[str]], device: torch.device,
+                      cache: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """CLIP text embeddings of each layout slot's phrase: (B, K, D) unit-norm, zeros where the phrase
+    is "" (an empty slot), and the mask (B, K), True where a slot has a phrase. Rows must have equal
+    K. Encoded in fp32 whatever autocast is active; `cache` (phrase -> (D,) on the CPU) is filled."""
+    cache = {} if cache is None else cache
+    missing = sorted({p for row in phrases for p in row if p and p not in cache})
+    if missing:
+        with torch.autocast(device.type, enabled=False):
+            embeds = clip.encode_text(tokenizer(missing).to(device)).embed.float().cpu()
+        cache.update(zip(missing, embeds))
+    if len({len(row) for row in phrases}) > 1:
+        raise ValueError("layout phrases: every row needs the same number of slots")
+    batch, slots = len(phrases), len(phrases[0]) if phrases else 0
+    out = torch.zeros(batch, slots, clip.embed_dim)
+    mask = torch.zeros(batch, slots, dtype=torch.bool)
+    for b, row in enumerate(phrases):
+        for k, p in enumerate(row):
+            if p:
+                out[b, k], mask[b, k] = cache[p], True
+    return out.to(device), mask.to(device)
+
+
 class ClipConditioner:
     """Returns the CLIP conditioning of a batch, encoding with a frozen CLIP when needed."""
 
@@ -64,6 +87,8 @@ class ClipConditioner:
         self.model_name, self.weights = model_name, weights
         self.embed_dim, self.text_width = clip_dims(model_name)
         self._clip: FrozenCLIP | None = None
+        self._phrases: dict[str, Tensor] = {}
+        self._tokenizer: Any = None
 
     def encoder(self, device: torch.device) -> FrozenCLIP:
         if self._clip is None:
@@ -84,6 +109,15 @@ class ClipConditioner:
             if "image" in batch:
                 cond["image_embed"] = clip.encode_image(batch["image"])
         return finish_condition(cond, batch.get("tokens"))
+
+    def layout(self, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+        """The batch's layout as U-Net / layout-prior keywords: `layout_boxes` (B, K, 4), the phrases'
+        CLIP embeddings `layout_embeds` (B, K, D) and `layout_mask` (B, K)."""
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        embeds, mask = phrase_embeddings(self.encoder(device), self._tokenizer, batch["layout_phrases"], device,
+                                         self._phrases)
+        return {"layout_boxes": batch["layout_boxes"].float(), "layout_embeds": embeds, "layout_mask": mask}
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         tokens = open_clip.get_tokenizer(self.model_name)(prompts).to(device)

@@ -5,6 +5,9 @@ conditioned on the CLIP image embedding z_i (added to the timestep embedding and
 context tokens) and the caption: the frozen CLIP's token encodings, or (`unet.text_vocab_size`) its
 token ids through embeddings trained with the U-Net, as GLIDE's text encoder is. For classifier-free guidance z_i is
 dropped 10% and the caption 50% of the time (learned null embeddings inside the U-Net).
+With `condition_on_layout` the U-Net also reads the scene's layout, each object's phrase embedding
+painted into its box (`modules.networks.layout`; boxes from the layout stage at sampling), dropped
+`drop_layout_prob` of the time.
 EMA of the weights is Lightning's `EMAWeightAveraging` callback, set in the experiment YAML.
 """
 
@@ -29,7 +32,8 @@ from modules.stages.registry import class_path_of
 from modules.networks.unet import UNet, UNetConfig
 from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
 
-DROP_KEYS = ("drop_image", "drop_text")
+DROP_KEYS = ("drop_image", "drop_text", "drop_layout")
+LAYOUT_KEYS = ("layout_boxes", "layout_embeds", "layout_mask")
 
 
 class DecoderModule(pl.LightningModule):
@@ -44,6 +48,8 @@ class DecoderModule(pl.LightningModule):
             caption token encodings as context, pooled caption in the timestep embedding); needs
             `condition_on_image=False`. None: CLIP.
         condition_on_image / condition_on_text: switch either conditioning off.
+        condition_on_layout: also condition on the layout (batches from `data.layout_slots`);
+            dropped with `drop_layout_prob` (the null layout is the empty map).
         drop_image_prob / drop_text_prob: CFG dropout rates (paper: 10% and 50%).
         image_embed_noise: σ of Gaussian noise added to each component of the unit-norm z_i in
             training, renormalised after (conditioning augmentation; 0: none, as in the paper).
@@ -58,11 +64,13 @@ class DecoderModule(pl.LightningModule):
         text_encoder: TextEncoderConfig | None = None,
         condition_on_image: bool = True,
         condition_on_text: bool = True,
+        condition_on_layout: bool = False,
         diffusion: DiffusionConfig | None = None,
         sampling: SamplingConfig | None = None,
         optimizer: optim.OptimConfig | None = None,
         drop_image_prob: float = 0.1,
         drop_text_prob: float = 0.5,
+        drop_layout_prob: float = 0.1,
         image_embed_noise: float = 0.0,
         val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
         seed: int = 0,
@@ -85,7 +93,10 @@ class DecoderModule(pl.LightningModule):
             unet_cfg,
             image_embed_dim=self.conditioner.embed_dim if condition_on_image else None,
             text_embed_dim=self.conditioner.text_width if condition_on_text and not reads_ids else None,
+            layout_dim=self.conditioner.embed_dim if condition_on_layout else None,
         )
+        if condition_on_layout and text_encoder is not None:
+            raise ConfigError("condition_on_layout: the phrases are embedded by CLIP; it needs no text_encoder")
         self.save_hyperparameters(to_plain({**args, "unet": unet_cfg, "_class_path": class_path_of(self)}))
         self.unet = UNet(unet_cfg)
         self.diffusion = self.diffusion_cfg.build()
@@ -111,10 +122,16 @@ class DecoderModule(pl.LightningModule):
     # -- conditioning --------------------------------------------------------------------------
     def condition(self, batch: dict[str, Any], drop: bool) -> dict[str, Tensor]:
         """U-Net keyword arguments for a batch; with `drop`, CFG dropout masks drawn per sample."""
-        return self.unet_kwargs(self.conditioner(batch), drop=drop)
+        cond = self.conditioner(batch)
+        if self.hparams.condition_on_layout:
+            if "layout_boxes" not in batch:
+                raise ConfigError("condition_on_layout: batches carry no layout; set data.layout_slots")
+            cond.update(self.conditioner.layout(batch, cond["text_tokens"].device))
+        return self.unet_kwargs(cond, drop=drop)
 
     def unet_kwargs(self, cond: dict[str, Tensor], drop: bool = False) -> dict[str, Tensor]:
-        """CLIP conditioning (`image_embed`, `text_tokens`, `text_mask`) -> U-Net kwargs."""
+        """CLIP conditioning (`image_embed`, `text_tokens`, `text_mask`, and a layout's `layout_*` if
+        any) -> U-Net kwargs. Without a layout, a layout-conditioned U-Net gets the null (empty) one."""
         hp = self.hparams
         kwargs: dict[str, Tensor] = {}
         ref = cond["image_embed"] if "image_embed" in cond else cond["text_tokens"]
@@ -127,6 +144,9 @@ class DecoderModule(pl.LightningModule):
             kwargs["drop_image"] = draws.uniform((batch_size,), device=device) < (hp.drop_image_prob if drop else 0.0)
         if hp.condition_on_text:
             kwargs.update(text_unet_kwargs(cond, hp.drop_text_prob if drop else 0.0, self.unet.config.text_vocab_size))
+        if hp.condition_on_layout and "layout_boxes" in cond:
+            kwargs.update({k: cond[k] for k in LAYOUT_KEYS})
+            kwargs["drop_layout"] = draws.uniform((batch_size,), device=device) < (hp.drop_layout_prob if drop else 0.0)
         return kwargs
 
     # -- sampling ------------------------------------------------------------------------------

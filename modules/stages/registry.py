@@ -21,6 +21,7 @@ class StageKind(str, Enum):
     PRIOR = "prior"
     DECODER = "decoder"
     UPSAMPLER = "upsampler"
+    LAYOUT = "layout"
 
 
 STAGE_CLASSES: dict[StageKind, tuple[str, ...]] = {
@@ -28,6 +29,7 @@ STAGE_CLASSES: dict[StageKind, tuple[str, ...]] = {
     StageKind.PRIOR: ("modules.stages.prior.PriorModule", "modules.stages.ar_prior.ARPriorModule"),
     StageKind.DECODER: ("modules.stages.decoder.DecoderModule",),
     StageKind.UPSAMPLER: ("modules.stages.superres.SuperResModule",),
+    StageKind.LAYOUT: ("modules.stages.layout.LayoutModule",),
 }
 
 MOVED_CLASS_PATHS: dict[str, str] = {

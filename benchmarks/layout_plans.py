@@ -1,0 +1,77 @@
+"""Are the layout stage's plans right? Boxes sampled for the covering prompt set, judged by the
+shapes grammar's own relation rule (`datamodules.shapes.scene.classify_relation`, at the decoder's
+pixel size), before any image is drawn (issue 21: the layout is where the relation now enters).
+
+    python -m benchmarks.layout_plans --layout runs/demo/layout/checkpoints/last.ckpt --num-prompts 540
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import open_clip
+import torch
+
+from datamodules.shapes.grammar import evaluation_captions, parse_caption
+from datamodules.shapes.scene import classify_relation, margin_px
+from modules.pipelines.store import load_stage_checkpoint
+from modules.stages.conditioning import phrase_embeddings
+from modules.stages.layout import LayoutModule
+from modules.stages.registry import StageKind
+
+
+@torch.no_grad()
+def plan(module: LayoutModule, prompts: list[str], seed: int, batch_size: int = 128) -> torch.Tensor:
+    """Boxes (N, K, 4) in [0, 1] for the prompts, one seeded generator for the whole run."""
+    generator = torch.Generator().manual_seed(seed)
+    clip = module.conditioner.encoder(module.device)
+    tokenizer = open_clip.get_tokenizer(module.hparams.clip_model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        phrases, relations = module.parse(chunk)
+        embeds, mask = phrase_embeddings(clip, tokenizer, phrases, module.device)
+        cond = {"layout_embeds": embeds, "layout_mask": mask, "layout_relation": relations.to(module.device)}
+        out.append(module.generate(cond, generator=generator))
+    return torch.cat(out)
+
+
+def judge(prompts: list[str], boxes: torch.Tensor, size: int) -> dict[str, object]:
+    """Per relation (and for single objects): the share of plans that satisfy the caption at `size` px."""
+    right, total = Counter(), Counter()
+    for caption, plan_boxes in zip(prompts, boxes):
+        objects, relation, _ = parse_caption(caption)
+        px = [[round(float(v) * size) for v in b] for b in plan_boxes[: len(objects)]]
+        key = relation or "single"
+        total[key] += 1
+        inside = all(x1 > x0 and y1 > y0 for x0, y0, x1, y1 in px)
+        if relation is None:
+            right[key] += inside
+        else:
+            right[key] += inside and classify_relation(px[0], px[1], margin_px(size)) == relation
+    two = sum(total.values()) - total["single"]
+    return {
+        "single_inside": right["single"] / max(total["single"], 1),
+        "relation_right": (sum(right.values()) - right["single"]) / max(two, 1),
+        "per_relation": {k: right[k] / total[k] for k in total if k != "single"},
+        "prompts": dict(total),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layout", required=True, help="layout stage checkpoint")
+    p.add_argument("--num-prompts", type=int, default=540)
+    p.add_argument("--size", type=int, default=32, help="pixel size the relation is judged at")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    module = load_stage_checkpoint(StageKind.LAYOUT, a.layout, "modules.stages.layout.LayoutModule").eval()
+    third = a.num_prompts // 3
+    prompts = evaluation_captions(num_single=third, num_pairs=third)
+    print(json.dumps(judge(prompts, plan(module, prompts, a.seed), a.size), indent=2))
+
+
+if __name__ == "__main__":
+    main()
