@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "clip": ("experiments/clip/tiny.yaml", "experiments/demo/clip.yaml", "runs/demo/clip"),
     "prior": ("experiments/prior/tiny.yaml", "experiments/demo/prior.yaml", "runs/demo/prior"),
+    "layout": ("experiments/layout/tiny.yaml", "experiments/demo/layout.yaml", "runs/demo/layout"),
     "decoder": ("experiments/decoder/tiny.yaml", "experiments/demo/decoder.yaml", "runs/demo/decoder"),
     "superres": ("experiments/superres/tiny.yaml", "experiments/demo/superres.yaml", "runs/demo/superres"),
 }
@@ -56,7 +57,8 @@ def test_every_stage_is_budgeted_in_steps_not_wall_time() -> None:
         assert trainer.max_time is None and trainer.max_steps > 0, overlay
         assert trainer.max_steps % trainer.val_check_interval == 0, overlay
     steps = [s.name for s in Demo(Path("runs/demo"), 10, 10).steps()]
-    assert steps == ["data", "clip", "embed", "prior", "decoder", "superres", "pipeline", "generate", "evaluate", "manipulate"]
+    assert steps == ["data", "clip", "embed", "prior", "layout", "decoder", "superres", "pipeline", "generate", "evaluate",
+                     "manipulate"]
 
 
 def test_imagen_comparison_budget_equals_the_unclip_generative_budget() -> None:
@@ -89,7 +91,7 @@ def test_another_output_root_moves_every_path_a_fit_reads_or_writes(tmp_path: Pa
              "val_shards": data.val_shards, "clip_weights": model.get("clip_weights")}
     found = {k: str(v) for k, v in found.items() if v is not None}
     assert all(v.startswith(str(out)) for v in found.values()), found
-    assert ("clip_weights" in found) == (stage in ("prior", "decoder"))
+    assert ("clip_weights" in found) == (stage in ("prior", "layout", "decoder"))
 
 
 def test_run_defaults_land_under_the_run_root(tmp_path: Path) -> None:

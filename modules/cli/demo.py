@@ -1,6 +1,7 @@
 """`unclip demo`: the whole unCLIP pipeline on the built-in shapes data, on 2 CPU cores.
 
-shapes shards -> CLIP -> embedding export -> diffusion prior -> decoder -> upsampler ->
+shapes shards -> CLIP -> embedding export -> diffusion prior -> layout stage -> decoder (grounded in
+layouts) -> upsampler ->
 pipeline directory -> generated grid + compositional accuracy (with and without the prior) ->
 evaluation report -> variation / interpolation / text-diff grids (paper §3). Each training stage
 is `unclip fit --config experiments/<stage>/tiny.yaml --config experiments/demo/<stage>.yaml` (the
@@ -46,7 +47,7 @@ TEXT_DIFF = ("a red circle", "a blue circle")  # base caption of input 0 -> new 
 TEXT_DIFF_MAX_THETA = 0.65
 
 
-TRAINED = ("clip", "prior", "decoder", "superres")  # the steps that are `unclip fit` runs
+TRAINED = ("clip", "prior", "layout", "decoder", "superres")  # the steps that are `unclip fit` runs
 # Decoder samples per prompt in `generate` and `evaluate`, the best by CLIP(x)·z_t kept (the pipeline's
 # CLIP reranking). On the demo's pipeline (540 prompts): single-object 50.6% -> 60.6% with 2, 65.6% with 4.
 DECODER_CANDIDATES = 2
@@ -120,7 +121,7 @@ class Demo:
             shards = self.emb if stage == "prior" else self.data
             args += [f"--trainer.default_root_dir={self.out / stage}", f"--data.train_shards={shards}/train-*.tar",
                      f"--data.val_shards={shards}/val-*.tar"]
-            if stage in ("prior", "decoder"):
+            if stage in ("prior", "layout", "decoder"):
                 args.append(f"--model.clip_weights={self.ckpt('clip')}")
         return args
 
@@ -135,11 +136,13 @@ class Demo:
             Step("embed", lambda: run_command(["embed", "--clip", "tiny-vit", "--weights", self.ckpt("clip"),
                                                "--shards", str(self.data / "*.tar"), "--out", str(self.emb)])),
             Step("prior", lambda: self.fit("prior")),
+            Step("layout", lambda: self.fit("layout")),
             Step("decoder", lambda: self.fit("decoder")),
             Step("superres", lambda: self.fit("superres")),
             Step("pipeline", lambda: run_command([
                 "pipeline", "--clip-model", "tiny-vit", "--clip-weights", self.ckpt("clip"), "--prior", self.ckpt("prior"),
-                "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--out", str(self.pipeline)])),
+                "--decoder", self.ckpt("decoder"), "--upsampler", self.ckpt("superres"), "--layout", self.ckpt("layout"),
+                "--out", str(self.pipeline)])),
             Step("generate", self.generate),
             Step("evaluate", self.evaluate),
             Step("manipulate", self.manipulate),

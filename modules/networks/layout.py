@@ -117,7 +117,7 @@ class LayoutPrior(nn.Module):
         self.phrase_in = Linear(c.embed_dim, w)
         self.slot = nn.Parameter(torch.randn(c.max_objects, w) * 0.02)
         self.time_embed = nn.Sequential(Linear(w, w), nn.SiLU(), Linear(w, w))
-        self.relation_roles = nn.Parameter(torch.randn(2, c.num_relations + 1, w) * 0.02)  # (subject/object, id, w)
+        self.relation_roles = nn.Parameter(torch.randn(2, c.num_relations + 1, w) * 0.5)  # (subject/object, id, w)
         with torch.no_grad():
             self.relation_roles[:, 0] = 0.0  # id 0: no relation
         self.transformer = TransformerStack(w, c.depth, c.heads, 4.0, 0.0, False, causal=False)
