@@ -1,6 +1,8 @@
-"""Are the layout stage's plans right? Boxes sampled for the covering prompt set, judged by the
-shapes grammar's own relation rule (`datamodules.shapes.scene.classify_relation`, at the decoder's
-pixel size), before any image is drawn (issue 21: the layout is where the relation now enters).
+"""Are the layout stage's plans right? Boxes sampled for the covering prompt set, judged before any
+image is drawn (issue 21: the layout is where the relation now enters) by two rules: the shard
+writer's strict one (`datamodules.shapes.scene.classify_relation` at the decoder's pixel size: a gap
+of S/16 and half the smaller side's overlap across) and the evaluator's (`relation_between`: the
+dominant axis of the centre offset), which judges the drawn images.
 
     python -m benchmarks.layout_plans --layout runs/demo/layout/checkpoints/last.ckpt --num-prompts 540
 """
@@ -16,6 +18,7 @@ import torch
 
 from datamodules.shapes.grammar import evaluation_captions, parse_caption
 from datamodules.shapes.scene import classify_relation, margin_px
+from modules.evaluation.shapes_evaluator import Detection, relation_between
 from modules.pipelines.store import load_stage_checkpoint
 from modules.stages.conditioning import phrase_embeddings
 from modules.stages.layout import LayoutModule
@@ -40,7 +43,7 @@ def plan(module: LayoutModule, prompts: list[str], seed: int, batch_size: int = 
 
 def judge(prompts: list[str], boxes: torch.Tensor, size: int) -> dict[str, object]:
     """Per relation (and for single objects): the share of plans that satisfy the caption at `size` px."""
-    right, total = Counter(), Counter()
+    right, total, lenient = Counter(), Counter(), 0
     for caption, plan_boxes in zip(prompts, boxes):
         objects, relation, _ = parse_caption(caption)
         px = [[round(float(v) * size) for v in b] for b in plan_boxes[: len(objects)]]
@@ -51,10 +54,13 @@ def judge(prompts: list[str], boxes: torch.Tensor, size: int) -> dict[str, objec
             right[key] += inside
         else:
             right[key] += inside and classify_relation(px[0], px[1], margin_px(size)) == relation
+            a, b = (Detection(o.color, o.shape, tuple(p), 1) for o, p in zip(objects, px))
+            lenient += inside and relation_between(a, b) == relation
     two = sum(total.values()) - total["single"]
     return {
         "single_inside": right["single"] / max(total["single"], 1),
         "relation_right": (sum(right.values()) - right["single"]) / max(two, 1),
+        "relation_right_evaluator_rule": lenient / max(two, 1),
         "per_relation": {k: right[k] / total[k] for k in total if k != "single"},
         "prompts": dict(total),
     }

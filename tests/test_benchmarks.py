@@ -283,3 +283,27 @@ def test_print_table_aligns_rows_and_ends_with_the_json(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "a" + " " * 11 + "      3  0.500" and lines[2] == "longer name " + "     12  0.125"
     assert len({len(line) for line in lines[:3]}) == 1 and json.loads(lines[3]) == table
+
+
+def test_layout_plans_judge_reads_relations_by_both_rules():
+    """`benchmarks.layout_plans.judge`: a plan drawn by the shard writer passes both rules; the same
+    boxes under the inverse relation fail both; a diagonal offset that only the evaluator's dominant-axis
+    rule reads as "to the left of" passes that rule alone."""
+    import numpy as np
+
+    from benchmarks.layout_plans import judge
+    from datamodules.shapes.grammar import INVERSE, Obj, caption
+    from datamodules.shapes.scene import layout_scene
+
+    a, b = Obj("red", "circle"), Obj("blue", "square")
+    prompts, boxes = [], []
+    for i, relation in enumerate(("to the left of", "above", "below", "to the right of")):
+        truth = layout_scene(np.random.default_rng(i), 32, [a, b], relation)
+        plan = torch.tensor([o["bbox"] for o in truth["objects"]], dtype=torch.float32) / 32
+        prompts += [caption([a, b], relation), caption([a, b], INVERSE[relation])]
+        boxes += [plan, plan]
+    out = judge(prompts, torch.stack(boxes), 32)
+    assert out["relation_right"] == 0.5 and out["relation_right_evaluator_rule"] == 0.5
+    diagonal = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.5, 0.4, 0.8, 0.7]]])
+    out = judge([caption([a, b], "to the left of")], diagonal, 32)
+    assert out["relation_right"] == 0.0 and out["relation_right_evaluator_rule"] == 1.0
