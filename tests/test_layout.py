@@ -3,7 +3,6 @@ U-Net and decoder, the layout stage, and a pipeline that plans layouts (round tr
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
