@@ -246,3 +246,18 @@ def test_pipeline_plans_layouts_round_trips_and_refuses_a_plain_decoder(tmp_path
     assert not torch.equal(a, without)
     with pytest.raises(PipelineError, match="condition_on_layout"):
         UnCLIPPipeline(clip, _decoder(False), layout=stage)
+
+
+@pytest.mark.parametrize("path, name", [
+    ("modules.stages.decoder.DecoderModule", "drop_layout_prob"), ("modules.stages.decoder.DecoderModule", "drop_text_prob"),
+    ("modules.stages.decoder.DecoderModule", "drop_image_prob"), ("modules.stages.prior.PriorModule", "drop_text_prob"),
+    ("modules.stages.ar_prior.ARPriorModule", "drop_text_prob"), ("modules.stages.superres.SuperResModule", "drop_text_prob"),
+])
+def test_cfg_dropout_rates_outside_0_1_are_refused_in_one_line(path: str, name: str):
+    import importlib
+
+    module, _, cls = path.rpartition(".")
+    stage = getattr(importlib.import_module(module), cls)
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match=rf"^model\.{name}: {bad} is not a number in \[0.0, 1.0\]$"):
+            stage(**{name: bad})

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from modules.core import draws, optim
 from modules.stages.conditioning import ClipConditioner, repeat_rows
-from modules.core.hparams import as_config, init_args, to_plain
+from modules.core.hparams import as_config, check_range, init_args, to_plain
 from modules.stages.registry import class_path_of
 from modules.networks.ar_prior import ARPriorConfig, ARPriorTransformer, PCAQuantizer
 from modules.stages.prior_metrics import RunningMean, compare_to_baselines
@@ -60,6 +60,7 @@ class ARPriorModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         args = init_args(locals())
+        check_range("model", "drop_text_prob", drop_text_prob, 0.0, 1.0)  # a CFG dropout rate
         super().__init__()
         self.conditioner = ClipConditioner(clip_model, clip_weights)
         cfg = dataclasses.replace(

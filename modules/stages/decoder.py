@@ -27,7 +27,7 @@ from modules.core.images import to_unit
 from modules.stages.conditioning import ClipConditioner
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.stages.validation import log_fixed_timestep_losses
-from modules.core.hparams import as_config, init_args, to_plain
+from modules.core.hparams import as_config, check_range, init_args, to_plain
 from modules.stages.registry import class_path_of
 from modules.networks.unet import UNet, UNetConfig
 from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
@@ -76,6 +76,9 @@ class DecoderModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         args = init_args(locals())
+        check_range("model", "drop_image_prob", drop_image_prob, 0.0, 1.0)  # a CFG dropout rate
+        check_range("model", "drop_text_prob", drop_text_prob, 0.0, 1.0)  # a CFG dropout rate
+        check_range("model", "drop_layout_prob", drop_layout_prob, 0.0, 1.0)  # a CFG dropout rate
         super().__init__()
         unet_cfg, self.diffusion_cfg = as_config(UNetConfig, unet), as_config(DiffusionConfig, diffusion)
         self.sampling, self.optim_cfg = as_config(SamplingConfig, sampling), as_config(optim.OptimConfig, optimizer)

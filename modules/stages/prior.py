@@ -41,7 +41,7 @@ from modules.diffusion.config import (
     sampling_process,
 )
 from modules.stages.validation import log_fixed_timestep_losses
-from modules.core.hparams import as_config, init_args, to_plain
+from modules.core.hparams import as_config, check_range, init_args, to_plain
 from modules.stages.registry import class_path_of
 from modules.networks.prior_transformer import PriorConfig, PriorTransformer
 from modules.stages.prior_metrics import RunningMean, compare_to_baselines
@@ -94,6 +94,7 @@ class PriorModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         args = init_args(locals())
+        check_range("model", "drop_text_prob", drop_text_prob, 0.0, 1.0)  # a CFG dropout rate
         super().__init__()
         self.conditioner = ClipConditioner(clip_model, clip_weights)
         prior_cfg = dataclasses.replace(

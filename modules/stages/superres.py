@@ -29,7 +29,7 @@ from modules.core.images import to_unit
 from modules.stages.degradations import DegradationConfig, Resampling, resize
 from modules.diffusion.config import DiffusionConfig, SamplingConfig, noise, sample
 from modules.stages.validation import log_fixed_timestep_losses
-from modules.core.hparams import as_config, enum_member, init_args, to_plain
+from modules.core.hparams import as_config, check_range, enum_member, init_args, to_plain
 from modules.stages.registry import class_path_of
 from modules.networks.superres_unet import Interpolation, SuperResUNet, SuperResUNetConfig
 from modules.stages.text_encoders import TextConditioner, TextEncoderConfig, text_unet_kwargs
@@ -101,6 +101,7 @@ class SuperResModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         args = init_args(locals())
+        check_range("model", "drop_text_prob", drop_text_prob, 0.0, 1.0)  # a CFG dropout rate
         super().__init__()
         unet_cfg = unet_config(unet)
         self.conditioner = TextConditioner(as_config(TextEncoderConfig, text_encoder)) if text_encoder is not None else None
