@@ -20,7 +20,6 @@ from datamodules.shapes.grammar import evaluation_captions, parse_caption
 from datamodules.shapes.scene import classify_relation, margin_px
 from modules.evaluation.shapes_evaluator import Detection, relation_between
 from modules.pipelines.store import load_stage_checkpoint
-from modules.stages.conditioning import phrase_embeddings
 from modules.stages.layout import LayoutModule
 from modules.stages.registry import StageKind
 
@@ -34,10 +33,7 @@ def plan(module: LayoutModule, prompts: list[str], seed: int, batch_size: int = 
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        phrases, relations = module.parse(chunk)
-        embeds, mask = phrase_embeddings(clip, tokenizer, phrases, module.device)
-        cond = {"layout_embeds": embeds, "layout_mask": mask, "layout_relation": relations.to(module.device)}
-        out.append(module.generate(cond, generator=generator))
+        out.append(module.plan(chunk, clip=clip, tokenizer=tokenizer, generator=generator)["layout_boxes"])
     return torch.cat(out)
 
 

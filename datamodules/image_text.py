@@ -21,7 +21,7 @@ from datamodules import shards, steps
 from datamodules.layout import ReadLayout
 from datamodules.negatives import AddNegatives, CaptionNegatives
 from datamodules.steps import Sample
-from modules.core.errors import ConfigError
+from modules.core.hparams import check_range
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             `negative_tokens` (B, k, L) and may carry rephrased positives. None: plain captions.
         layout_slots: > 0: every sample's `{key}.json` gives its objects' boxes and phrases, up to this
             many (`datamodules.layout.ReadLayout`); batches then carry `layout_boxes` (B, K, 4),
-            `layout_mask` (B, K) and `layout_phrases` (B lists of K strings). 0: no layout.
+            `layout_mask` (B, K), `layout_phrases` (B lists of K strings) and `layout_relation` (B
+            strings). 0: no layout.
         allow_pipe: allow `pipe:` shard URLs (they run shell commands).
         loader: batch sizes, workers and how they start (`LoaderConfig`; its
             `multiprocessing_context` "spawn" / "forkserver" work too: the pipeline pickles).
@@ -231,8 +232,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         allow_pipe: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= layout_slots <= 64:
-            raise ConfigError(f"data.layout_slots: {layout_slots} is outside [0, 64]")
+        check_range("data", "layout_slots", layout_slots, 0, 64)
         self.loader = loader or LoaderConfig()
         self.negatives = negatives
         self.save_hyperparameters(ignore=["loader", "negatives"])

@@ -6,8 +6,9 @@ per object instead of colour and shape (grounding data such as COCO boxes with t
 noun phrases). `ReadLayout` turns it into the fields the layout prior and a layout-conditioned
 decoder read: `layout_boxes` (K, 4) in [0, 1] of the centre-cropped square the image transform
 cuts (`steps.resize_center_crop`), `layout_mask` (K,), `layout_phrases` (K strings, "" for an
-empty slot) and `layout_relation` (the json's `relation` between the first two objects, "" if none). A sample whose json is missing or malformed is skipped and counted, its key, file and
-field named in the log.
+empty slot) and `layout_relation` (the json's `relation` between the first two objects, "" if none).
+A sample whose json is missing or malformed is skipped and counted, its key and field named in the
+log.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def layout_from_json(raw: bytes, width: int, height: int, slots: int) -> tuple[t
 
 class ReadLayout:
     """Pipeline step: the raw `json` member -> `layout_boxes`, `layout_mask`, `layout_phrases`
-    and `layout_relation` (see the module docstring); runs before the image transform, on the decoded full-size image."""
+    and `layout_relation` (see the module docstring); runs before the image transform, on the decoded
+    full-size image."""
 
     def __init__(self, counter: SkipCounter, slots: int) -> None:
         self.counter, self.slots = counter, slots

@@ -8,7 +8,7 @@ and the caption, and binds neither (paper §7); here the layout reaches it as a 
 embedding painted into its box (`paint`), projected and added to the U-Net's first feature map, the
 way GLIGEN (Li et al. 2023) grounds phrases in boxes and LLM-grounded diffusion (Lian et al. 2023)
 plans the boxes from the prompt first. The boxes come from `LayoutPrior`, a diffusion model over
-the K boxes conditioned on the caption tokens and the phrases.
+the K boxes conditioned on the caption's scene graph (the phrases and the relation between them).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from modules.pipelines.store import (
     save_weights,
     upsampler_entries,
 )
-from modules.stages.conditioning import best_of, clip_dims, finish_condition, phrase_embeddings, repeat_rows
+from modules.stages.conditioning import best_of, clip_dims, finish_condition, repeat_rows
 from modules.stages.layout import LayoutModule
 from modules.stages.protocols import DecoderStage, PriorStage, UpsamplerStage
 from modules.stages.registry import STAGE_CLASSES, StageKind
@@ -177,11 +177,8 @@ class UnCLIPPipeline(nn.Module):
         in boxes sampled for them and their relation, as decoder kwargs `layout_boxes` (B, K, 4), `layout_embeds`, `layout_mask`."""
         if self.layout is None:
             raise PipelineError("this pipeline has no layout stage")
-        phrases, relations = self.layout.parse(prompts)
-        embeds, mask = phrase_embeddings(self.clip, self.tokenizer, phrases, self.device, self._phrases)
-        plan = {"layout_embeds": embeds, "layout_mask": mask}
-        boxes = self.layout.generate({**plan, "layout_relation": relations.to(self.device)}, generator=generator)
-        return {**plan, "layout_boxes": boxes}
+        return self.layout.plan(prompts, clip=self.clip, tokenizer=self.tokenizer, generator=generator,
+                                cache=self._phrases)
 
     @torch.no_grad()
     def decode(self, text: dict[str, Tensor], image_embed: Tensor, cfg: GenerateConfig,

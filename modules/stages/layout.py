@@ -26,8 +26,9 @@ from modules.core.errors import ConfigError, UserError
 from modules.core.hparams import as_config, init_args, to_plain
 from modules.diffusion import Objective
 from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
+from modules.networks.clip import FrozenCLIP
 from modules.networks.layout import LayoutPrior, LayoutPriorConfig
-from modules.stages.conditioning import ClipConditioner
+from modules.stages.conditioning import ClipConditioner, phrase_embeddings
 from modules.stages.registry import class_path_of
 from modules.stages.validation import log_fixed_timestep_losses
 
@@ -69,8 +70,8 @@ class LayoutModule(pl.LightningModule):
 
     Args:
         prior: the Transformer (`LayoutPriorConfig`); its widths are set from the CLIP model.
-        clip_model / clip_weights: the frozen CLIP whose caption token states and phrase embeddings
-            condition the boxes (the pipeline's CLIP).
+        clip_model / clip_weights: the frozen CLIP whose phrase embeddings condition the boxes (the
+            pipeline's CLIP).
         diffusion / sampling: the process over boxes and its sampler (static clipping to [-1, 1]).
         phrase_parser: how captions are parsed into object phrases and a relation at sampling (`shapes`).
         relations: the relation vocabulary (None: the shapes grammar's); id 0 is "no relation".
@@ -130,7 +131,7 @@ class LayoutModule(pl.LightningModule):
         return optim.configure(self.net, self.optim_cfg)
 
     def data(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """(x_0 (B, K, 4), network kwargs) of a batch carrying `tokens` and a layout (`layout_slots`)."""
+        """(x_0 (B, K, 4), network kwargs) of a batch carrying a layout (`data.layout_slots`)."""
         if "layout_boxes" not in batch:
             raise ConfigError("the layout stage needs batches with layouts: set data.layout_slots")
         if batch["layout_boxes"].shape[1] != self.max_objects:
@@ -179,3 +180,15 @@ class LayoutModule(pl.LightningModule):
         x_T = noise((batch, self.max_objects, 4), generator, self.device)
         x0 = sample(self.diffusion, self.net, x_T, sampling or self.sampling, model_kwargs=kwargs, generator=generator)
         return x0_to_boxes(x0)
+
+    @torch.no_grad()
+    def plan(self, captions: Sequence[str], *, clip: FrozenCLIP, tokenizer: Any,
+             generator: torch.Generator | None = None, cache: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The plan for each caption: its parsed phrases embedded by `clip` (`phrase_embeddings`, with
+        `cache`) in boxes sampled for them and their relation, as decoder kwargs `layout_boxes` (B, K, 4),
+        `layout_embeds` (B, K, D) and `layout_mask` (B, K)."""
+        phrases, relations = self.parse(captions)
+        embeds, mask = phrase_embeddings(clip, tokenizer, phrases, self.device, cache)
+        plan = {"layout_embeds": embeds, "layout_mask": mask}
+        boxes = self.generate({**plan, "layout_relation": relations.to(self.device)}, generator=generator)
+        return {**plan, "layout_boxes": boxes}
