@@ -27,7 +27,7 @@ from modules.diffusion import (
     static_clip,
 )
 from modules.core.errors import ConfigError
-from modules.diffusion.config import SamplingConfig, sample
+from modules.diffusion.config import SamplingConfig, guided_model, sample
 
 F64 = torch.float64
 
@@ -375,8 +375,40 @@ def test_sampling_text_guidance_scale_needs_two_conditions() -> None:
     with pytest.raises(ConfigError, match="text_guidance_scale"):
         sample(d, model, torch.randn(2, 3), cfg, model_kwargs={"drop_text": torch.zeros(2, dtype=torch.bool)},
                drop_keys=("drop_text",))
-    with pytest.raises(ValueError, match="text_guidance_scale"):
-        SamplingConfig(text_guidance_scale=-1.0)
+    with pytest.raises(ConfigError, match="layout_guidance_scale"):  # a decoder without layouts
+        guided_model(d, model, SamplingConfig(layout_guidance_scale=2.0), ("drop_image", "drop_text"))
+    for name in ("text_guidance_scale", "layout_guidance_scale"):
+        with pytest.raises(ValueError, match=name):
+            SamplingConfig(**{name: -1.0})
+
+
+def test_own_scales_guide_their_condition_by_name() -> None:
+    """A layout decoder's drop keys are (image, caption, layout): text_guidance_scale weighs what the
+    caption adds and layout_guidance_scale what the plan adds, each against explicit passes."""
+    d = make(Objective.EPS)
+
+    def model_fn(x, t, *, image_emb, drop_image, drop_text, drop_layout):  # interacting conditions
+        img = torch.where(drop_image[:, None], torch.zeros_like(image_emb), image_emb)
+        txt = torch.where(drop_text[:, None], torch.zeros_like(x), torch.ones_like(x) * t[:, None])
+        lay = torch.where(drop_layout[:, None], torch.zeros_like(x), 0.3 * x.square())
+        return 0.5 * x + img + txt + lay + img * txt * lay
+
+    x, t = torch.randn(3, 4, dtype=F64), torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    kw = dict(image_emb=torch.randn(3, 4, dtype=F64), drop_image=no, drop_text=no, drop_layout=no)
+    eps = [model_fn(x, t, **{**kw, **{k: yes for k in ("drop_image", "drop_text", "drop_layout")[n:]}})
+           for n in range(4)]  # eps[k]: the first k conditions kept
+    keys = ("drop_image", "drop_text", "drop_layout")
+
+    def nested(s1: float, s2: float, s3: float) -> torch.Tensor:
+        return eps[0] + s1 * (eps[1] - eps[0]) + s2 * (eps[2] - eps[1]) + s3 * (eps[3] - eps[2])
+
+    for own, want in ((dict(text_guidance_scale=5.0), nested(2.0, 5.0, 2.0)),
+                      (dict(layout_guidance_scale=4.0), nested(2.0, 2.0, 4.0)),
+                      (dict(text_guidance_scale=1.0, layout_guidance_scale=6.0), nested(2.0, 1.0, 6.0)),
+                      ({}, nested(2.0, 2.0, 2.0))):
+        out = guided_model(d, model_fn, SamplingConfig(guidance_scale=2.0, **own), keys)(x, t, **kw)
+        torch.testing.assert_close(out, want)
 
 
 def test_guiding_x0_or_v_equals_guiding_eps() -> None:

@@ -71,12 +71,15 @@ def evaluate_shapes(argv: list[str]) -> int:
     p.add_argument("--text-guidance-scale", type=real(0.0, 100.0), default=None,
                    help="nested guidance: the caption's own scale, --guidance-scale then weighs z_i alone "
                         "(default: the decoder's own, usually joint guidance)")
+    p.add_argument("--layout-guidance-scale", type=real(0.0, 100.0), default=None,
+                   help="nested guidance: the layout plan's own scale (default: the decoder's own, usually joint guidance)")
     p.add_argument("--no-layout", action="store_true",
                    help="sample without the pipeline's layout stage (ablation; the decoder gets the null layout)")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance_scale),
-                                   ("text_guidance_scale", a.text_guidance_scale)) if v is not None}
+                                   ("text_guidance_scale", a.text_guidance_scale),
+                                   ("layout_guidance_scale", a.layout_guidance_scale)) if v is not None}
     if a.shards:
         captions = val_captions(a.shards, a.num_prompts)
         if not captions:

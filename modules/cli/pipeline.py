@@ -81,6 +81,8 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--decoder-guidance", type=real(0.0, 100.0), default=None)
     p.add_argument("--decoder-text-guidance", type=real(0.0, 100.0), default=None,
                    help="nested guidance: the caption's own scale; --decoder-guidance then weighs z_i alone")
+    p.add_argument("--decoder-layout-guidance", type=real(0.0, 100.0), default=None,
+                   help="nested guidance: the layout plan's own scale (a layout pipeline)")
     p.add_argument("--prior-guidance", type=real(0.0, 100.0), default=None)
     p.add_argument("--no-prior", action="store_true", help="feed z_t to the decoder (ablation)")
     p.add_argument("--decoder-candidates", type=count(1, 64), default=1,
@@ -90,10 +92,11 @@ def generate(argv: list[str]) -> int:
     pipe = load_pipeline(a.pipeline)
     dec = pipe.decoder.sampling  # the decoder's own sampling, with the flags' overrides
     guidance = a.decoder_guidance if a.decoder_guidance is not None else dec.guidance_scale
-    text_guidance = a.decoder_text_guidance if a.decoder_text_guidance is not None else dec.text_guidance_scale
+    own = {name: value for name, value in (("text_guidance_scale", a.decoder_text_guidance),
+                                           ("layout_guidance_scale", a.decoder_layout_guidance)) if value is not None}
     cfg = GenerateConfig(
         prior_mode=PriorMode.TEXT if a.no_prior else PriorMode.PRIOR,
-        decoder_sampling=dataclasses.replace(dec, steps=a.steps, guidance_scale=guidance, text_guidance_scale=text_guidance),
+        decoder_sampling=dataclasses.replace(dec, steps=a.steps, guidance_scale=guidance, **own),
         decoder_candidates=a.decoder_candidates,
     )
     if a.prior_guidance is not None and pipe.prior is not None:

@@ -79,6 +79,10 @@ class Precision(str, Enum):
     BF16 = "bf16"  # the network's forward under torch.autocast(bfloat16): oneDNN's AMX/AVX512-BF16 on CPU
 
 
+# A condition's own guidance scale in SamplingConfig, by the drop mask that removes it.
+OWN_SCALES = {"drop_text": "text_guidance_scale", "drop_layout": "layout_guidance_scale"}
+
+
 @dataclass
 class SamplingConfig:
     """How a stage samples: respaced step count, DDIM eta, CFG scale, x0 clipping, network precision."""
@@ -87,9 +91,11 @@ class SamplingConfig:
     steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
-    # Nested guidance (modules/diffusion/guidance.py): the last condition's own scale (the decoder's
-    # caption, added after z_i), guidance_scale for the others. None: joint guidance at guidance_scale.
+    # Nested guidance (modules/diffusion/guidance.py): a condition's own scale, guidance_scale for the
+    # others; the caption (`drop_text`, added after z_i) and the layout plan (`drop_layout`, added last).
+    # None: that condition is guided with the others at guidance_scale (all None: joint guidance).
     text_guidance_scale: Optional[float] = None
+    layout_guidance_scale: Optional[float] = None
     clipping: Clipping = Clipping.STATIC
     dynamic_percentile: float = 0.995
     precision: Precision = Precision.FP32
@@ -99,8 +105,9 @@ class SamplingConfig:
         check_range("sampling", "steps", self.steps, 1, 100_000)
         check_range("sampling", "eta", self.eta, 0.0, 1.0)
         check_range("sampling", "guidance_scale", self.guidance_scale, 0.0, 1000.0)
-        if self.text_guidance_scale is not None:
-            check_range("sampling", "text_guidance_scale", self.text_guidance_scale, 0.0, 1000.0)
+        for name in OWN_SCALES.values():
+            if getattr(self, name) is not None:
+                check_range("sampling", name, getattr(self, name), 0.0, 1000.0)
         check_range("sampling", "dynamic_percentile", self.dynamic_percentile, 0.5, 1.0)
 
     def clip_fn(self) -> ClipFn | None:
@@ -125,19 +132,25 @@ def autocast_model(model: ModelFn, precision: Precision) -> ModelFn:
     return run
 
 
-def guided_model(diffusion: GaussianDiffusion, model: ModelFn, scale: float, drop_keys: Sequence[str],
-                 text_scale: float | None = None) -> ModelFn:
-    """`model` wrapped in classifier-free guidance, unless the scale is 1 or nothing can drop; with
-    `text_scale`, nested guidance whose last condition (`drop_keys[-1]`) has that scale."""
-    if text_scale is not None:
-        if len(drop_keys) < 2:
-            raise ConfigError(f"sampling.text_guidance_scale: needs a model with two droppable conditions, "
+def guided_model(diffusion: GaussianDiffusion, model: ModelFn, cfg: SamplingConfig, drop_keys: Sequence[str]) -> ModelFn:
+    """`model` wrapped in classifier-free guidance at `cfg.guidance_scale`, unless that is 1 or nothing
+    can drop. A condition with its own scale (`OWN_SCALES`: the caption's `text_guidance_scale`, the
+    layout's `layout_guidance_scale`) makes it nested guidance over `drop_keys` in their order, each
+    condition at its own scale or `guidance_scale`; equal scales are joint guidance."""
+    scales = [cfg.guidance_scale] * len(drop_keys)
+    for key, name in OWN_SCALES.items():
+        own = getattr(cfg, name)
+        if own is None:
+            continue
+        if key not in drop_keys or len(drop_keys) < 2:
+            raise ConfigError(f"sampling.{name}: needs a model with {key} and another droppable condition, "
                               f"this one has {list(drop_keys)}")
-        scales = [scale] * (len(drop_keys) - 1) + [text_scale]
+        scales[list(drop_keys).index(key)] = own
+    if len(set(scales)) > 1:
         return nested_guidance(model, scales, drop_keys=drop_keys, variance=diffusion.variance)
-    if scale == 1.0 or not drop_keys:
+    if cfg.guidance_scale == 1.0 or not drop_keys:
         return model
-    return classifier_free_guidance(model, scale, drop_keys=drop_keys, variance=diffusion.variance)
+    return classifier_free_guidance(model, cfg.guidance_scale, drop_keys=drop_keys, variance=diffusion.variance)
 
 
 def sample(
@@ -156,7 +169,7 @@ def sample(
     """Run `cfg`'s sampler on the respaced process from x_T (any shape) to x0 (`gamma`: Γ_n per
     step, for the analytic sampler)."""
     respaced = sampling_process(diffusion, cfg)
-    fn = guided_model(diffusion, autocast_model(model, cfg.precision), cfg.guidance_scale, drop_keys, cfg.text_guidance_scale)
+    fn = guided_model(diffusion, autocast_model(model, cfg.precision), cfg, drop_keys)
     common: dict[str, Any] = dict(
         model_kwargs=model_kwargs, clip=cfg.clip_fn(), generator=generator, progress=progress, callback=callback
     )

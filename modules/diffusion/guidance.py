@@ -12,7 +12,8 @@
   (InstructPix2Pix, Brooks et al. 2023 eq. 3, for K = 2): with ε_k the prediction given the first
   k conditions and the rest dropped, ε̂ = ε_0 + Σ_k s_k·(ε_k − ε_{k−1}). Equal scales telescope to
   classifier-free guidance on all conditions jointly; the unCLIP decoder's order is (z_i, caption),
-  so s_2 weighs what the caption adds to the image embedding (binding, relations).
+  so s_2 weighs what the caption adds to the image embedding (binding, relations), and a layout
+  decoder's s_3 what its plan adds (`SamplingConfig.text_guidance_scale`, `layout_guidance_scale`).
 - Static clipping of x̂_0 to [−1, 1] (DDPM's sampler) and dynamic thresholding (Imagen,
   Saharia et al. 2022 §2.3): s = max(1, p-th percentile of |x̂_0| per sample),
   x̂_0 ← clamp(x̂_0, −s, s)/s.

@@ -156,7 +156,7 @@ class PriorModule(pl.LightningModule):
         """Γ_n = E ||ε̂(x_n, n)||² / d on validation data (Analytic-DPM eq. 9), a running mean over
         this validation's batches, for the sampling steps; the sampler's variance follows from it."""
         process = sampling_process(self.diffusion, self.sampling)
-        fn = guided_model(process, self.net, self.sampling.guidance_scale, DROP_KEYS, self.sampling.text_guidance_scale)
+        fn = guided_model(process, self.net, self.sampling, DROP_KEYS)
         gamma = torch.from_numpy(estimate_gamma(process, fn, [x0], model_kwargs_of=lambda i: kwargs, generator=gen))
         n = batch_idx  # batches of this validation already averaged in
         self.analytic_gamma.copy_((self.analytic_gamma * n + gamma.to(self.analytic_gamma)) / (n + 1) if n else gamma)
