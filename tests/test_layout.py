@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 from datamodules.image_text import ImageTextDataModule, LoaderConfig
 from datamodules.layout import ReadLayout, layout_from_json
@@ -246,6 +247,35 @@ def test_pipeline_plans_layouts_round_trips_and_refuses_a_plain_decoder(tmp_path
     assert not torch.equal(a, without)
     with pytest.raises(PipelineError, match="condition_on_layout"):
         UnCLIPPipeline(clip, _decoder(False), layout=stage)
+
+
+def test_pipeline_ablations_meet_the_same_plan_and_decoder_noise():
+    """Each stage draws from its own (seed, stage) generator: with or without the prior, at any
+    best-of-n, the plan and the decoder's starting noise are the same, so the arms differ in z_i alone."""
+    from modules.networks.prior_transformer import PriorConfig
+    from modules.pipelines.unclip import PriorMode
+    from modules.stages.prior import PriorModule
+
+    torch.manual_seed(0)
+    prior = PriorModule(prior=PriorConfig(width=32, depth=1, heads=2), clip_model="tiny-vit",
+                        sampling={"steps": 3, "clipping": "NONE"}).eval()
+    pipe = UnCLIPPipeline(FrozenCLIP("tiny-vit"), _decoder(True).eval(), prior=prior, layout=_layout_stage().eval())
+    seen: list[tuple[Tensor, Tensor, Tensor]] = []
+    generate = pipe.decoder.generate
+
+    def record(kwargs, *, generator, **rest):
+        state = generator.get_state()
+        seen.append((kwargs["image_embed"], kwargs["layout_boxes"], state))
+        return generate(kwargs, generator=generator, **rest)
+
+    pipe.decoder.generate = record
+    prompts = ["a red circle to the left of a blue square", "a green triangle"]
+    for cfg in (GenerateConfig(), GenerateConfig(prior_mode=PriorMode.TEXT), GenerateConfig(num_candidates=4)):
+        pipe.generate(prompts, 2, seed=3, config=cfg)
+    (z_prior, boxes, state), (z_text, boxes_text, state_text), (z_best4, boxes4, state4) = seen
+    assert torch.equal(boxes, boxes_text) and torch.equal(boxes, boxes4)  # one plan in every arm
+    assert torch.equal(state, state_text) and torch.equal(state, state4)  # one x_T in every arm
+    assert not torch.equal(z_prior, z_text) and not torch.equal(z_prior, z_best4)  # the arms differ in z_i
 
 
 @pytest.mark.parametrize("path, name", [

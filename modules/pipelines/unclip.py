@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from modules.core.draws import key_seed
 from modules.core.errors import PipelineError
 from modules.core.images import to_unit
 from modules.diffusion.config import SamplingConfig
@@ -215,19 +216,24 @@ class UnCLIPPipeline(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str], num_images: int = 1, *, seed: int = 0,
                  config: GenerateConfig | None = None) -> Tensor:
-        """(len(prompts) * num_images, 3, S, S) in [0, 1], prompt-major order, seeded."""
+        """(len(prompts) * num_images, 3, S, S) in [0, 1], prompt-major order, seeded.
+
+        The prior, the layout stage and the decoder (with its upsamplers) each draw from their own
+        generator keyed by (seed, stage), so an ablation of one stage (no prior, another best-of-n,
+        no plan) meets the same noise everywhere else: common random numbers, paired comparisons."""
         cfg = config or GenerateConfig()
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("prompts must be non-empty strings")
         expanded = [p for p in prompts for _ in range(num_images)]
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        gens = {stage: torch.Generator(device="cpu").manual_seed(key_seed("generate", seed, stage))
+                for stage in ("prior", "layout", "decoder")}
         out = []
         for start in range(0, len(expanded), cfg.batch_size):
             chunk = expanded[start : start + cfg.batch_size]
             text = self.encode_text(chunk)
-            z_i = self.image_embeddings(text, cfg, generator)
-            layout = self.plan_layout(chunk, generator) if cfg.use_layout and self.layout is not None else None
-            out.append(self.decode(text, z_i, cfg, generator, layout=layout))
+            z_i = self.image_embeddings(text, cfg, gens["prior"])
+            layout = self.plan_layout(chunk, gens["layout"]) if cfg.use_layout and self.layout is not None else None
+            out.append(self.decode(text, z_i, cfg, gens["decoder"], layout=layout))
         return to_unit(torch.cat(out))
 
 
