@@ -96,6 +96,22 @@ def test_prior_mode_samples_the_prior_and_text_mode_feeds_z_t(tmp_path: Path):
     torch.testing.assert_close(z_prior.norm(dim=-1), torch.ones(2))  # unit-norm, as CLIP's
 
 
+def test_generate_config_keeps_the_priors_own_best_of_n_unless_told():
+    """GenerateConfig.num_candidates None: the prior's own hparam (the AR prior's 1, not the paper's 2)."""
+    pipe = _full_pipeline()
+    text = pipe.encode_text(["a red circle", "a blue square"])
+    asked: list[int | None] = []
+    generate = pipe.prior.generate
+    pipe.prior.generate = lambda cond, *, num_candidates, **kw: asked.append(num_candidates) or generate(
+        cond, num_candidates=num_candidates, **kw)
+    pipe.prior.hparams.num_candidates = 3
+    z_own = pipe.image_embeddings(text, GenerateConfig(), torch.Generator().manual_seed(0))
+    z_three = pipe.image_embeddings(text, GenerateConfig(num_candidates=3), torch.Generator().manual_seed(0))
+    z_two = pipe.image_embeddings(text, GenerateConfig(num_candidates=2), torch.Generator().manual_seed(0))
+    assert asked == [None, 3, 2]
+    assert torch.equal(z_own, z_three) and not torch.equal(z_own, z_two)
+
+
 def test_pipeline_with_prior_and_upsampler_round_trips(tmp_path: Path):
     pipe = _full_pipeline()
     loaded = UnCLIPPipeline.load(pipe.save(tmp_path / "full"))
@@ -284,3 +300,17 @@ def test_evaluate_shapes_cli_reranks_decoder_samples(saved: Path, tmp_path: Path
     assert report["decoder_candidates"] == 2 and report["num_prompts"] == 3 and "prior" not in report
     rows = json.loads((out / "text" / "rows.json").read_text())
     assert [r["num_objects"] for r in rows] == [1, 2, 2]  # one single, one scene in both phrasings
+
+
+def test_evaluate_shapes_prior_flags_move_the_prior_arm_only(tmp_path: Path):
+    """--prior-candidates / --prior-guidance-scale reach the prior; the no-prior arm, drawn from its own
+    generators, is byte-identical to a run without them."""
+    saved = _full_pipeline().save(tmp_path / "pipe")
+    base = ["evaluate-shapes", "--pipeline", str(saved), "--num-prompts", "3", "--steps", "2", "--no-upsample"]
+    assert main(base + ["--out", str(tmp_path / "own")]) == 0
+    assert main(base + ["--prior-candidates", "3", "--prior-guidance-scale", "2", "--out", str(tmp_path / "other")]) == 0
+    report = json.loads((tmp_path / "other" / "shapes_accuracy.json").read_text())
+    assert report["prior_candidates"] == 3 and report["prior_overrides"] == {"guidance_scale": 2.0}
+    images = lambda run, arm: [p.read_bytes() for p in sorted((tmp_path / run / arm / "images").iterdir())]  # noqa: E731
+    assert images("own", "text") == images("other", "text")
+    assert images("own", "prior") != images("other", "prior")

@@ -73,6 +73,10 @@ def evaluate_shapes(argv: list[str]) -> int:
                         "(default: the decoder's own, usually joint guidance)")
     p.add_argument("--layout-guidance-scale", type=real(0.0, 100.0), default=None,
                    help="nested guidance: the layout plan's own scale (default: the decoder's own, usually joint guidance)")
+    p.add_argument("--prior-candidates", type=count(1, 64), default=None,
+                   help="the prior's best-of-n over z_i by dot product with z_t (default: the prior's own; paper 2)")
+    p.add_argument("--prior-guidance-scale", type=real(0.0, 100.0), default=None,
+                   help="the diffusion prior's guidance scale (default: the prior's own)")
     p.add_argument("--no-layout", action="store_true",
                    help="sample without the pipeline's layout stage (ablation; the decoder gets the null layout)")
     p.add_argument("--out", required=True, type=output_dir)
@@ -89,5 +93,7 @@ def evaluate_shapes(argv: list[str]) -> int:
     pipe = load_pipeline(a.pipeline)
     with new_output(a.out):
         shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, upsample=not a.no_upsample,
-                        decoder_candidates=a.decoder_candidates, decoder_overrides=overrides, use_layout=not a.no_layout)
+                        decoder_candidates=a.decoder_candidates, decoder_overrides=overrides, use_layout=not a.no_layout,
+                        prior_candidates=a.prior_candidates,
+                        prior_overrides={} if a.prior_guidance_scale is None else {"guidance_scale": a.prior_guidance_scale})
     return 0

@@ -36,13 +36,17 @@ def val_captions(pattern: str, n: int) -> list[str]:
 @torch.no_grad()
 def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0, upsample: bool = True,
           decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None,
-          use_layout: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
+          use_layout: bool = True, prior_candidates: int | None = None,
+          prior_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate one image per caption and score it; returns (accuracy table + rows, images).
-    `decoder_overrides` (SamplingConfig fields, e.g. steps) replace the decoder's own sampling;
-    `use_layout=False` samples without the layout stage's plan (ablation)."""
+    `decoder_overrides` / `prior_overrides` (SamplingConfig fields, e.g. steps) replace that stage's
+    own sampling; `prior_candidates` the prior's best-of-n (None: the prior's own); `use_layout=False`
+    samples without the layout stage's plan (ablation)."""
     sampling = dataclasses.replace(pipe.decoder.sampling, **decoder_overrides) if decoder_overrides else None
+    prior = getattr(pipe.prior, "sampling", None)
+    prior_sampling = dataclasses.replace(prior, **prior_overrides) if prior_overrides and prior is not None else None
     cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates,
-                         use_layout=use_layout)
+                         use_layout=use_layout, num_candidates=prior_candidates, prior_sampling=prior_sampling)
     images = pipe.generate(captions, 1, seed=seed, config=cfg)
     rows = [evaluate_image(img, cap) for img, cap in zip(images, captions)]
     return {"table": accuracy_table(rows), "rows": rows}, images
@@ -50,7 +54,8 @@ def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int 
 
 def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, seed: int = 0, upsample: bool = True,
                     decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None,
-                    use_layout: bool = True) -> dict[str, Any]:
+                    use_layout: bool = True, prior_candidates: int | None = None,
+                    prior_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score `captions` with and without the prior; writes `out/{prior,text}/` (rows.json, images)
     and `out/shapes_accuracy.json`, and returns that report."""
     from modules.core.images import save_images
@@ -59,12 +64,14 @@ def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, see
     report: dict[str, Any] = {"num_prompts": len(captions), "seed": seed, "decoder_steps": decoder_overrides.get("steps"),
                               "resolution": "final" if upsample else "decoder", "decoder_candidates": decoder_candidates,
                               "decoder_overrides": decoder_overrides,
-                              "layout": pipe.layout is not None and use_layout}
+                              "layout": pipe.layout is not None and use_layout,
+                              "prior_candidates": prior_candidates, "prior_overrides": prior_overrides or {}}
     for mode in (PriorMode.PRIOR, PriorMode.TEXT):
         if mode is PriorMode.PRIOR and pipe.prior is None:
             continue
         result, images = score(pipe, captions, mode, seed, upsample=upsample, decoder_candidates=decoder_candidates,
-                               decoder_overrides=decoder_overrides, use_layout=use_layout)
+                               decoder_overrides=decoder_overrides, use_layout=use_layout,
+                               prior_candidates=prior_candidates, prior_overrides=prior_overrides)
         report[mode.value] = result["table"]
         (out / mode.value).mkdir(parents=True, exist_ok=True)
         (out / mode.value / "rows.json").write_text(json.dumps(result["rows"], indent=1))

@@ -57,7 +57,7 @@ class GenerateConfig:
     """Knobs of `UnCLIPPipeline.generate` (None: the stage's own sampling config)."""
 
     prior_mode: PriorMode = PriorMode.PRIOR
-    num_candidates: int = 2  # the prior's best-of-n over z_i (paper §2.2)
+    num_candidates: int | None = None  # the prior's best-of-n over z_i (paper §2.2: 2); None: the prior's own
     # Decoder samples per prompt; n > 1 keeps the one whose CLIP image embedding has the largest dot
     # product with z_t (CLIP reranking, as DALL·E (Ramesh et al. 2021) reranks its samples), before upsampling.
     decoder_candidates: int = 1
