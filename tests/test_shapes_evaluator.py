@@ -75,3 +75,20 @@ def test_geneval_checks_are_looser_than_exact_accuracy():
     assert (g["single_object"], g["colors"]) == (0.0, 0.0)  # a square is not the circle asked for
     assert g["two_object"] == 1.0 and g["color_attribution"] == 0.75 and g["position"] == 0.75
     assert g["overall"] == pytest.approx((0 + 1 + 0 + 0.75 + 0.75) / 5)
+
+
+@pytest.mark.parametrize("color", ["orange", "red"])
+def test_a_blended_edge_seam_is_not_an_extra_object(color: str):
+    """A square whose right edge falls between pixels leaves a 1-px seam of colour-on-white blend
+    (orange -> yellow, red -> orange), as decoders draw them; it is part of the square, not a second
+    object. Without the sliver rule the seam would count as one."""
+    from datamodules.shapes.grammar import COLORS
+    from modules.evaluation.shapes_evaluator import EvaluatorConfig
+
+    img = np.asarray(_draw([(color, "square", [4, 6, 16, 18])]), dtype=np.float32)
+    img[6:18, 16] = 0.7 * np.array(COLORS[color]) + 0.3 * 255.0  # a column 70% covered
+    img = Image.fromarray(img.round().astype(np.uint8))
+    without_rule = detect_objects(img, EvaluatorConfig(min_thickness_fraction=0.0))
+    assert len(without_rule) == 2 and without_rule[1].color != color  # the seam, named another colour
+    assert [(d.color, d.shape) for d in detect_objects(img)] == [(color, "square")]
+    assert evaluate_image(img, f"a {color} square")["correct"]

@@ -6,7 +6,10 @@ against their prompt without a learned model:
 1. colour: every pixel is assigned to the nearest palette colour (`datamodules.shapes.COLORS`)
    or to the white background, if it is within `max_color_distance` of it (RGB euclidean);
 2. objects: connected components per colour, small fragments (anti-aliased edges, noise)
-   dropped below `min_area_fraction` of the image;
+   dropped below `min_area_fraction` of the image, and so are slivers thinner than
+   `min_thickness_fraction` of the image side: the 1-px seam of blended colour along a drawn
+   object's edge (orange on white blends to yellow, red to orange), never an object (the domain's
+   smallest side is a quarter of the image, `datamodules.shapes.scene.side_range`);
 3. shape: the fill ratio area / bbox-area separates square (1.0), circle (pi/4 = 0.785) and
    triangle (0.5), with the triangle's apex-up mass (more pixels in the bottom half) as a
    tie-breaker;
@@ -51,6 +54,7 @@ class Detection:
 class EvaluatorConfig:
     max_color_distance: float = 90.0
     min_area_fraction: float = 0.01
+    min_thickness_fraction: float = 1 / 16  # a component's bbox, both sides; 0: no sliver rule
     square_min_fill: float = 0.9
     circle_min_fill: float = 0.66
 
@@ -87,6 +91,7 @@ def detect_objects(image: Any, cfg: EvaluatorConfig | None = None) -> list[Detec
     near_enough = dist.min(-1) <= cfg.max_color_distance
     background = np.linalg.norm(rgb - WHITE, axis=-1) < dist.min(-1)
     min_area = max(4, int(cfg.min_area_fraction * h * w))
+    min_thickness = cfg.min_thickness_fraction * min(h, w)
     found: list[Detection] = []
     for c, name in enumerate(PALETTE_NAMES):
         mask = (nearest == c) & near_enough & ~background
@@ -96,9 +101,9 @@ def detect_objects(image: Any, cfg: EvaluatorConfig | None = None) -> list[Detec
         for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
             comp = labels[sl] == idx
             area = int(comp.sum())
-            if area < min_area:
-                continue
             bbox = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+            if area < min_area or min(bbox[2] - bbox[0], bbox[3] - bbox[1]) < min_thickness:
+                continue
             found.append(Detection(name, _shape_of(comp, cfg), bbox, area))
     return sorted(found, key=lambda d: -d.area)
 
