@@ -126,21 +126,24 @@ def test_pipeline_with_prior_and_upsampler_round_trips(tmp_path: Path):
 
 def test_decoder_candidates_keep_the_sample_clip_scores_highest():
     """Best of n decoder samples per prompt by CLIP(x)·z_t, reproduced from the decoder's own n draws."""
+    from modules.core.draws import key_seed
     from modules.core.images import to_unit
     from modules.stages.conditioning import repeat_rows
 
     pipe, prompts, n = _pipeline(), ["a red circle", "a blue square"], 3
+    decoder_seed = key_seed("generate", 5, "decoder")  # the decoder's own generator in generate(seed=5)
     got = pipe.generate(prompts, 1, seed=5, config=GenerateConfig(decoder_candidates=n))
     text = pipe.encode_text(prompts)  # no prior: z_i = z_t, and DDIM (eta 0) draws only x_T
     kwargs = repeat_rows(pipe.decoder_kwargs(text, text["text_embed"]), n)
-    candidates = pipe.decoder.generate(kwargs, generator=torch.Generator().manual_seed(5)).view(2, n, 3, 16, 16)
+    candidates = pipe.decoder.generate(kwargs, generator=torch.Generator().manual_seed(decoder_seed)).view(2, n, 3, 16, 16)
     feats = pipe.clip.model.encode_image(pipe.clip.preprocess(candidates.flatten(0, 1))).float()
     scores = (feats / feats.norm(dim=-1, keepdim=True)).view(2, n, -1) @ text["text_embed"].unsqueeze(-1)  # (2, n, 1)
     best = scores.squeeze(-1).argmax(dim=1)
     assert len(set(scores.flatten().tolist())) == 2 * n  # distinct candidates, so the choice is real
     torch.testing.assert_close(got, to_unit(candidates[torch.arange(2), best]), rtol=0, atol=1e-6)
     one = pipe.generate(prompts, 1, seed=5)  # n = 1 (the default): one draw per prompt, no reranking
-    plain = pipe.decoder.generate(pipe.decoder_kwargs(text, text["text_embed"]), generator=torch.Generator().manual_seed(5))
+    plain = pipe.decoder.generate(pipe.decoder_kwargs(text, text["text_embed"]),
+                                  generator=torch.Generator().manual_seed(decoder_seed))
     torch.testing.assert_close(one, to_unit(plain), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="decoder_candidates"):
         pipe.decode(text, text["text_embed"], GenerateConfig(decoder_candidates=2), None, x_T=torch.zeros(2, 3, 16, 16))
