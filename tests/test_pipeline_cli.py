@@ -233,6 +233,16 @@ def test_prior_guidance_flag_with_ar_prior(ar_pipe: Path, tmp_path: Path):
     assert not np.array_equal(default, other)
 
 
+def test_evaluate_shapes_prior_guidance_reaches_the_ar_prior(ar_pipe: Path, tmp_path: Path):
+    """The AR prior has no SamplingConfig; --prior-guidance-scale still reaches it, as generate's flag does."""
+    base = ["evaluate-shapes", "--pipeline", str(ar_pipe), "--num-prompts", "3", "--steps", "2", "--no-upsample"]
+    assert main(base + ["--out", str(tmp_path / "own")]) == 0
+    assert main(base + ["--prior-guidance-scale", "4", "--out", str(tmp_path / "other")]) == 0
+    images = lambda run, arm: [p.read_bytes() for p in sorted((tmp_path / run / arm / "images").iterdir())]  # noqa: E731
+    assert images("own", "text") == images("other", "text")
+    assert images("own", "prior") != images("other", "prior")
+
+
 # ------------------------------------------------------------------------------ manipulations
 def test_vary_writes_variations_and_a_finite_inversion_error(prior_pipe: Path, pngs, tmp_path: Path, capsys):
     out = tmp_path / "vary"

@@ -70,7 +70,6 @@ def assemble(argv: list[str]) -> int:
 
 def generate(argv: list[str]) -> int:
     from modules.core.images import save_images
-    from modules.diffusion.config import SamplingConfig
     from modules.pipelines.unclip import GenerateConfig, PriorMode
 
     p = Parser(prog="unclip generate", description="Text to image with a pipeline directory.")
@@ -98,12 +97,8 @@ def generate(argv: list[str]) -> int:
         prior_mode=PriorMode.TEXT if a.no_prior else PriorMode.PRIOR,
         decoder_sampling=dataclasses.replace(dec, steps=a.steps, guidance_scale=guidance, **own),
         decoder_candidates=a.decoder_candidates,
+        prior_sampling=pipe.prior_sampling(**({} if a.prior_guidance is None else {"guidance_scale": a.prior_guidance})),
     )
-    if a.prior_guidance is not None and pipe.prior is not None:
-        # The diffusion prior samples per its SamplingConfig; the AR prior has none and reads only
-        # `sampling.guidance_scale` (its other knobs are its own hparams).
-        base = getattr(pipe.prior, "sampling", None) or SamplingConfig()
-        cfg.prior_sampling = dataclasses.replace(base, guidance_scale=a.prior_guidance)
     images = pipe.generate(prompts, a.num_images, seed=a.seed, config=cfg)
     out = Path(a.out)
     save_images(images, out, a.num_images)

@@ -43,10 +43,9 @@ def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int 
     own sampling; `prior_candidates` the prior's best-of-n (None: the prior's own); `use_layout=False`
     samples without the layout stage's plan (ablation)."""
     sampling = dataclasses.replace(pipe.decoder.sampling, **decoder_overrides) if decoder_overrides else None
-    prior = getattr(pipe.prior, "sampling", None)
-    prior_sampling = dataclasses.replace(prior, **prior_overrides) if prior_overrides and prior is not None else None
     cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates,
-                         use_layout=use_layout, num_candidates=prior_candidates, prior_sampling=prior_sampling)
+                         use_layout=use_layout, num_candidates=prior_candidates,
+                         prior_sampling=pipe.prior_sampling(**(prior_overrides or {})))
     images = pipe.generate(captions, 1, seed=seed, config=cfg)
     rows = [evaluate_image(img, cap) for img, cap in zip(images, captions)]
     return {"table": accuracy_table(rows), "rows": rows}, images

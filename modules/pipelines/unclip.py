@@ -10,6 +10,7 @@ Only the project's own stage classes may be named (a pipeline file cannot import
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -171,6 +172,15 @@ class UnCLIPPipeline(nn.Module):
         if cfg.prior_mode is PriorMode.TEXT or self.prior is None:
             return text["text_embed"]
         return self.prior.generate(text, num_candidates=cfg.num_candidates, sampling=cfg.prior_sampling, generator=generator)
+
+    def prior_sampling(self, **overrides: Any) -> SamplingConfig | None:
+        """The prior's own sampling with `overrides` (SamplingConfig fields), for
+        `GenerateConfig.prior_sampling`; None without a prior or overrides. The diffusion prior samples
+        per its SamplingConfig; the AR prior has none and reads only `guidance_scale` (its other knobs
+        are its own hparams), so it gets the overrides on a default one."""
+        if self.prior is None or not overrides:
+            return None
+        return dataclasses.replace(getattr(self.prior, "sampling", None) or SamplingConfig(), **overrides)
 
     @torch.no_grad()
     def plan_layout(self, prompts: list[str], generator: torch.Generator | None) -> dict[str, Tensor]:
