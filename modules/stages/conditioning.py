@@ -113,12 +113,17 @@ class ClipConditioner:
     def layout(self, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
         """The batch's layout as U-Net / layout-prior keywords: `layout_boxes` (B, K, 4), the phrases'
         CLIP embeddings `layout_embeds` (B, K, D) and `layout_mask` (B, K)."""
-        if self._tokenizer is None:
-            self._tokenizer = open_clip.get_tokenizer(self.model_name)
-        embeds, mask = phrase_embeddings(self.encoder(device), self._tokenizer, batch["layout_phrases"], device,
+        embeds, mask = phrase_embeddings(self.encoder(device), self.tokenizer, batch["layout_phrases"], device,
                                          self._phrases)
         return {"layout_boxes": batch["layout_boxes"].float(), "layout_embeds": embeds, "layout_mask": mask}
 
+    @property
+    def tokenizer(self) -> Any:
+        """The CLIP model's open_clip tokenizer, made once."""
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer
+
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
-        tokens = open_clip.get_tokenizer(self.model_name)(prompts).to(device)
+        tokens = self.tokenizer(prompts).to(device)
         return self({"tokens": tokens})
