@@ -13,7 +13,6 @@ import argparse
 import json
 from collections import Counter
 
-import open_clip
 import torch
 
 from datamodules.shapes.grammar import evaluation_captions, parse_caption
@@ -28,8 +27,7 @@ from modules.stages.registry import StageKind
 def plan(module: LayoutModule, prompts: list[str], seed: int, batch_size: int = 128) -> torch.Tensor:
     """Boxes (N, K, 4) in [0, 1] for the prompts, one seeded generator for the whole run."""
     generator = torch.Generator().manual_seed(seed)
-    clip = module.conditioner.encoder(module.device)
-    tokenizer = open_clip.get_tokenizer(module.hparams.clip_model)
+    clip, tokenizer = module.conditioner.encoder(module.device), module.conditioner.tokenizer
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
