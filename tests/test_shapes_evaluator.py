@@ -29,6 +29,20 @@ def test_ground_truth_accuracy_at_least_99_percent(size: int):
     assert table["two_object_accuracy"] >= 0.99, table
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_colour_shape_and_side_is_read_right(size: int):
+    """Each colour and shape alone at every side the domain draws (`side_range`), ground truth."""
+    from datamodules.shapes.grammar import COLORS
+    from datamodules.shapes.scene import side_range
+
+    lo, hi = side_range(size)
+    for side in range(lo, hi + 1):
+        for color in COLORS:
+            for shape in ("circle", "square", "triangle"):
+                found = detect_objects(_draw([(color, shape, [2, 3, 2 + side, 3 + side])], size))
+                assert [(d.color, d.shape) for d in found] == [(color, shape)], (side, color, shape)
+
+
 def test_wrong_captions_are_rejected():
     for img, truth in _samples(60, 64, seed=1):
         objs = truth["objects"]
@@ -92,3 +106,44 @@ def test_a_blended_edge_seam_is_not_an_extra_object(color: str):
     assert len(without_rule) == 2 and without_rule[1].color != color  # the seam, named another colour
     assert [(d.color, d.shape) for d in detect_objects(img)] == [(color, "square")]
     assert evaluate_image(img, f"a {color} square")["correct"]
+
+
+def _raggedize(img: Image.Image, color: str, every: int = 3) -> np.ndarray:
+    """Every `every`-th pixel along each outer line of the `color` object, one pixel further out, in
+    its colour: an edge that falls between pixels, as a decoder draws it."""
+    from datamodules.shapes.grammar import COLORS
+
+    rgb = np.asarray(img, dtype=np.uint8).copy()
+    mask = (rgb == np.array(COLORS[color], dtype=np.uint8)).all(-1)
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    for y in range(y0, y1 + 1, every):
+        row = np.nonzero(mask[y])[0]
+        rgb[y, row.min() - 1] = rgb[y, row.max() + 1] = COLORS[color]
+    for x in range(x0, x1 + 1, every):
+        col = np.nonzero(mask[:, x])[0]
+        rgb[col.min() - 1, x] = rgb[col.max() + 1, x] = COLORS[color]
+    return rgb
+
+
+@pytest.mark.parametrize("shape", ["square", "circle", "triangle"])
+def test_a_ragged_outer_line_keeps_the_shape(shape: str):
+    """A 22-px square with a ragged outer line fills under 0.9 of its bbox, which a fill-ratio rule
+    (the evaluator's before) reads as a circle; its corners still name it, and the disc's and the
+    triangle's too."""
+    rgb = _raggedize(_draw([("blue", shape, [21, 21, 43, 43])], size=64), "blue")
+    (found,) = detect_objects(rgb)
+    x0, y0, x1, y1 = found.bbox
+    if shape == "square":
+        assert (x1 - x0, y1 - y0) == (24, 24) and found.area / 24**2 < 0.9
+    assert found.shape == shape
+
+
+@pytest.mark.parametrize("shape, bbox", [
+    ("circle", [20, 48, 44, 72]),  # bottom third off the canvas: a dome fills its bottom corners
+    ("circle", [-8, 20, 16, 44]),  # left third off
+    ("triangle", [-8, 20, 16, 44]),
+    ("square", [-6, -6, 14, 14]),
+])
+def test_objects_cut_by_the_canvas_keep_their_shape(shape: str, bbox: list[int]):
+    assert [d.shape for d in detect_objects(_draw([("red", shape, bbox)], size=64))] == [shape]
