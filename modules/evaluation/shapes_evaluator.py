@@ -80,7 +80,7 @@ def _shape_of(mask: np.ndarray, cfg: EvaluatorConfig) -> str:
     stays more than half full. A disc cut by the canvas keeps its mass ratio (a dome without its
     bottom third: 1.4). On the demo pipeline's 32-px images of a held-out prompt set (270, seed 2)
     the two rules disagreed on 16 images; looked at, this one was right on 8, the fill ratio on 4
-    (objects of 7 px and less), neither on 4.
+    (objects of 8 px and less), neither on 4.
     """
     h, half = mask.shape[0], mask.shape[0] // 2
     if half and mask[h - half:].sum() >= cfg.apex_mass_ratio * mask[:half].sum():
