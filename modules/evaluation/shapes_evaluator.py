@@ -77,8 +77,8 @@ def _shape_of(mask: np.ndarray, cfg: EvaluatorConfig) -> str:
     Not the fill ratio area / bbox-area (square 1, disc pi/4, triangle 1/2) that this replaced: a
     decoder's edge that falls between pixels fills part of one more row or column on each side,
     which cost a 22-px square 11% of its box, so it read as a circle, while each 6 x 6 corner patch
-    stays more than half full. A disc cut by the canvas keeps its mass ratio (a dome without its
-    bottom third: 1.4). On the demo pipeline's 32-px images of a held-out prompt set (270, seed 2)
+    stays more than half full. A disc cut by the canvas stays under the triangle's mass ratio (one
+    without its bottom third, drawn at 16 to 64 px: 1.5). On the demo pipeline's 32-px images of a held-out prompt set (270, seed 2)
     the two rules disagreed on 16 images; looked at, this one was right on 8, the fill ratio on 4
     (objects of 8 px and less), neither on 4.
     """
