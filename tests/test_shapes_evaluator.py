@@ -7,8 +7,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from datamodules.shapes.dataset import Split, render_sample
-from datamodules.shapes.grammar import describe
-from modules.evaluation.shapes_evaluator import accuracy_table, detect_objects, evaluate_image
+from datamodules.shapes.grammar import COLORS, describe
+from modules.evaluation.shapes_evaluator import EvaluatorConfig, accuracy_table, detect_objects, evaluate_image
 
 SWAP_COLOR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "purple", "purple": "orange", "orange": "red"}
 SWAP_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
@@ -32,7 +32,6 @@ def test_ground_truth_accuracy_at_least_99_percent(size: int):
 @pytest.mark.parametrize("size", [32, 64])
 def test_every_colour_shape_and_side_is_read_right(size: int):
     """Each colour and shape alone at every side the domain draws (`side_range`), ground truth."""
-    from datamodules.shapes.grammar import COLORS
     from datamodules.shapes.scene import side_range
 
     lo, hi = side_range(size)
@@ -96,9 +95,6 @@ def test_a_blended_edge_seam_is_not_an_extra_object(color: str):
     """A square whose right edge falls between pixels leaves a 1-px seam of colour-on-white blend
     (orange -> yellow, red -> orange), as decoders draw them; it is part of the square, not a second
     object. Without the sliver rule the seam would count as one."""
-    from datamodules.shapes.grammar import COLORS
-    from modules.evaluation.shapes_evaluator import EvaluatorConfig
-
     img = np.asarray(_draw([(color, "square", [4, 6, 16, 18])]), dtype=np.float32)
     img[6:18, 16] = 0.7 * np.array(COLORS[color]) + 0.3 * 255.0  # a column 70% covered
     img = Image.fromarray(img.round().astype(np.uint8))
@@ -111,8 +107,6 @@ def test_a_blended_edge_seam_is_not_an_extra_object(color: str):
 def _raggedize(img: Image.Image, color: str, every: int = 3) -> np.ndarray:
     """Every `every`-th pixel along each outer line of the `color` object, one pixel further out, in
     its colour: an edge that falls between pixels, as a decoder draws it."""
-    from datamodules.shapes.grammar import COLORS
-
     rgb = np.asarray(img, dtype=np.uint8).copy()
     mask = (rgb == np.array(COLORS[color], dtype=np.uint8)).all(-1)
     ys, xs = np.nonzero(mask)
