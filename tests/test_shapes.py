@@ -151,6 +151,32 @@ def test_geometry_and_relations(samples: list[dict]) -> None:
     assert relations_seen == set(RELATIONS)
 
 
+@pytest.mark.parametrize("size", [32, 48, 64, 128])
+def test_every_written_layout_follows_the_layout_rule_in_canvas_units(size: int) -> None:
+    """`follows_layout_rule` (the check on the layout stage's plans) accepts every layout the writer
+    makes, divided by the canvas size, and only for its own relation; it refuses boxes that touch or
+    overlap, stand diagonally, or have a side outside the writer's range."""
+    rng = np.random.default_rng(size)
+    for i in range(300):
+        colors = list(COLORS)
+        objects = [Obj(colors[i % len(colors)], SHAPES[i % len(SHAPES)]),
+                   Obj(colors[(i // 2) % len(colors)], SHAPES[(i // 3) % len(SHAPES)])][: 1 + i % 2]
+        relation = RELATIONS[(i // 2) % len(RELATIONS)] if len(objects) == 2 else None
+        boxes = [[v / size for v in o["bbox"]] for o in scene.layout_scene(rng, size, objects, relation)["objects"]]
+        assert scene.follows_layout_rule(boxes, relation)
+        if relation is not None:
+            assert [r for r in RELATIONS if scene.follows_layout_rule(boxes, r)] == [relation]
+            assert not scene.follows_layout_rule(boxes[::-1], relation)
+    left = [0.1, 0.3, 0.4, 0.6]  # a side of 0.3
+    assert scene.follows_layout_rule([left, [0.5, 0.35, 0.8, 0.65]], "to the left of")
+    assert not scene.follows_layout_rule([left, [0.45, 0.35, 0.75, 0.65]], "to the left of")  # gap 0.05 < 1/16
+    assert not scene.follows_layout_rule([left, [0.38, 0.35, 0.68, 0.65]], "to the left of")  # overlapping
+    assert not scene.follows_layout_rule([left, [0.5, 0.5, 0.8, 0.8]], "to the left of")  # overlap across 0.1 < 0.15
+    assert not scene.follows_layout_rule([left, [0.5, 0.35, 0.6, 0.45]], "to the left of")  # a side of 0.1
+    assert not scene.follows_layout_rule([[0.1, 0.1, 0.6, 0.6]], None)  # a side of 0.5
+    assert not scene.follows_layout_rule([left], "above") and not scene.follows_layout_rule([left, left], None)
+
+
 def test_holdout_excluded_from_train_present_in_val(dataset: Path) -> None:
     def objs(s: dict) -> set[Obj]:
         return {Obj(o["color"], o["shape"]) for o in s["truth"]["objects"]}

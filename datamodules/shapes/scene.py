@@ -17,6 +17,7 @@ from datamodules.shapes.grammar import COLORS, Obj, Relation, Shape, describe
 WHITE = (255, 255, 255)
 SUPERSAMPLE = 4
 MIN_SIDE_FRACTION, MAX_SIDE_FRACTION = 0.25, 0.45
+MARGIN_FRACTION = 1 / 16  # the gap along a relation's axis, in canvas units (`margin_px`: S // 16 pixels)
 
 
 def side_range(size: int) -> tuple[int, int]:
@@ -31,7 +32,27 @@ def margin_px(size: int) -> int:
 # ----------------------------------------------------------------------------- geometry
 def classify_relation(a: Sequence[int], b: Sequence[int], margin: int = 1) -> str | None:
     """The relation R with "A R B" under the module's rule, or None (bboxes [x0, y0, x1, y1])."""
-    min_overlap = math.ceil(min(a[2] - a[0], b[2] - b[0]) / 2)
+    return _relation(a, b, margin, math.ceil(min(a[2] - a[0], b[2] - b[0]) / 2))
+
+
+def follows_layout_rule(boxes: Sequence[Sequence[float]], relation: str | None) -> bool:
+    """Whether boxes in [0, 1] of the canvas ([x0, y0, x1, y1]; one, or two with `relation` for "A R B")
+    form a layout this module writes: every side in [MIN_SIDE_FRACTION, MAX_SIDE_FRACTION], and for two,
+    `classify_relation`'s rule in canvas units (a gap of >= 1/16 along the relation's axis, an overlap of
+    >= half the smaller width across it). Every `layout_scene` at a size that is a multiple of 16, divided
+    by that size, follows it; the layout stage's plans are checked against it (`modules.stages.layout`)."""
+    if len(boxes) not in (1, 2) or (len(boxes) == 2) != (relation is not None):
+        return False
+    lo, hi, eps = MIN_SIDE_FRACTION - 1e-9, MAX_SIDE_FRACTION + 1e-9, 1e-9  # eps: pixels / size in floats
+    if not all(lo <= x1 - x0 <= hi and lo <= y1 - y0 <= hi for x0, y0, x1, y1 in boxes):
+        return False
+    if len(boxes) == 1:
+        return True
+    a, b = boxes
+    return _relation(a, b, MARGIN_FRACTION - eps, min(a[2] - a[0], b[2] - b[0]) / 2 - eps) == relation
+
+
+def _relation(a: Sequence[float], b: Sequence[float], margin: float, min_overlap: float) -> str | None:
     overlap_y = min(a[3], b[3]) - max(a[1], b[1])
     overlap_x = min(a[2], b[2]) - max(a[0], b[0])
     if overlap_y >= min_overlap:
