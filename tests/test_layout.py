@@ -232,6 +232,41 @@ def test_layout_decoder_trains_on_layout_batches(shards: Path):
         decoder.condition({k: v for k, v in batch.items() if not k.startswith("layout")}, drop=False)
 
 
+def test_plans_that_break_the_layout_rule_are_drawn_again_up_to_plan_tries():
+    """Rejection sampling of plans: only the rows whose boxes break the shapes writer's rule are drawn
+    again (the rest keep the draw that followed it), until every row follows it or `tries` draws are spent."""
+    import open_clip
+
+    stage, clip, tokenizer = _layout_stage().eval(), FrozenCLIP("tiny-vit"), open_clip.get_tokenizer("tiny-vit")
+    empty = [0.0] * 4
+    apart = [[0.1, 0.3, 0.4, 0.6], [0.5, 0.35, 0.8, 0.65]]  # "to the left of", as the writer places it
+    overlapping = [[0.1, 0.3, 0.4, 0.6], [0.3, 0.3, 0.6, 0.6]]
+    small, single = [[0.1, 0.1, 0.15, 0.15], empty], [[0.2, 0.2, 0.5, 0.5], empty]
+    script = [[overlapping, small], [overlapping, single], [apart], [apart]]
+    calls: list[int] = []
+
+    def generate(cond, *, generator=None, sampling=None):  # scripted draws in place of the sampler
+        calls.append(cond["layout_mask"].shape[0])
+        return torch.tensor(script[len(calls) - 1])
+
+    stage.generate = generate
+    prompts = ["a red circle to the left of a blue square", "a green triangle"]
+    plan = stage.plan(prompts, clip=clip, tokenizer=tokenizer, tries=8)
+    assert calls == [2, 2, 1]  # both rows, both again (the lone box was too small), then the pair alone
+    assert torch.equal(plan["layout_boxes"], torch.tensor([apart, single]))
+    calls.clear()
+    boxes = stage.plan(prompts, clip=clip, tokenizer=tokenizer, tries=2)["layout_boxes"]
+    assert torch.equal(boxes, torch.tensor([overlapping, single]))
+    assert calls == [2, 2]  # two draws spent: the last one kept
+    calls.clear()
+    assert stage.hparams.plan_tries == 1
+    boxes = stage.plan(prompts, clip=clip, tokenizer=tokenizer)["layout_boxes"]
+    assert torch.equal(boxes, torch.tensor([overlapping, small]))
+    assert calls == [2]  # the stage's own plan_tries 1: the first draw, unchecked
+    with pytest.raises(ConfigError, match="plan_tries"):
+        LayoutModule(prior=LayoutPriorConfig(max_objects=2, width=32, depth=1, heads=2), plan_tries=0)
+
+
 def test_pipeline_plans_layouts_round_trips_and_refuses_a_plain_decoder(tmp_path: Path):
     clip = FrozenCLIP("tiny-vit")
     stage = _layout_stage().eval()
@@ -245,6 +280,12 @@ def test_pipeline_plans_layouts_round_trips_and_refuses_a_plain_decoder(tmp_path
     assert torch.equal(a, b)
     without = pipe.generate(prompts, 2, seed=1, config=GenerateConfig(use_layout=False))
     assert not torch.equal(a, without)
+    tries: list[int | None] = []
+    plan = stage.plan
+    stage.plan = lambda *args, **kw: tries.append(kw["tries"]) or plan(*args, **kw)
+    pipe.generate(prompts, 1, seed=1)
+    pipe.generate(prompts, 1, seed=1, config=GenerateConfig(layout_tries=5))
+    assert tries == [None, 5]  # GenerateConfig.layout_tries reaches the stage (None: its own plan_tries)
     with pytest.raises(PipelineError, match="condition_on_layout"):
         UnCLIPPipeline(clip, _decoder(False), layout=stage)
 

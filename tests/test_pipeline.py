@@ -96,6 +96,24 @@ def test_prior_mode_samples_the_prior_and_text_mode_feeds_z_t(tmp_path: Path):
     torch.testing.assert_close(z_prior.norm(dim=-1), torch.ones(2))  # unit-norm, as CLIP's
 
 
+def test_caption_arm_draws_from_the_decoders_null_image_embedding():
+    """PriorMode.CAPTION (the paper's caption-only conditioning, §5.1): the U-Net reads its learned null
+    z_i in every pass, so the images equal the decoder sampled with drop_image set over any z, and differ
+    from those drawn from z_t."""
+    from modules.core.draws import key_seed
+    from modules.core.images import to_unit
+
+    pipe, prompts = _full_pipeline(), ["a red circle", "a blue square"]
+    got = pipe.generate(prompts, 1, seed=4, config=GenerateConfig(prior_mode=PriorMode.CAPTION, upsample=False))
+    text = pipe.encode_text(prompts)
+    kwargs = pipe.decoder_kwargs(text, torch.nn.functional.normalize(torch.randn(2, text["text_embed"].shape[1]), dim=-1))
+    kwargs["drop_image"] = torch.ones(2, dtype=torch.bool)
+    want = pipe.decoder.generate(kwargs, generator=torch.Generator().manual_seed(key_seed("generate", 4, "decoder")))
+    assert got.shape == (2, 3, 16, 16) and torch.equal(got, to_unit(want))
+    z_t = pipe.generate(prompts, 1, seed=4, config=GenerateConfig(prior_mode=PriorMode.TEXT, upsample=False))
+    assert (got - z_t).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
 def test_generate_config_keeps_the_priors_own_best_of_n_unless_told():
     """GenerateConfig.num_candidates None: the prior's own hparam (the AR prior's 1, not the paper's 2)."""
     pipe = _full_pipeline()
@@ -303,6 +321,22 @@ def test_evaluate_shapes_cli_reranks_decoder_samples(saved: Path, tmp_path: Path
     assert report["decoder_candidates"] == 2 and report["num_prompts"] == 3 and "prior" not in report
     rows = json.loads((out / "text" / "rows.json").read_text())
     assert [r["num_objects"] for r in rows] == [1, 2, 2]  # one single, one scene in both phrasings
+
+
+def test_evaluate_shapes_arms_score_each_conditioning_on_the_same_draws(tmp_path: Path):
+    """--arms picks the scored arms; each arm's images are the same whichever other arms run beside it
+    (its own generators), and the caption-only arm's differ from z_t's."""
+    saved = _full_pipeline().save(tmp_path / "pipe")
+    base = ["evaluate-shapes", "--pipeline", str(saved), "--num-prompts", "3", "--steps", "2", "--no-upsample"]
+    assert main(base + ["--out", str(tmp_path / "default")]) == 0
+    assert main(base + ["--arms", "caption", "text", "--out", str(tmp_path / "arms")]) == 0
+    report = json.loads((tmp_path / "arms" / "shapes_accuracy.json").read_text())
+    assert "prior" not in report and {"text", "caption"} <= set(report)
+    assert set(json.loads((tmp_path / "default" / "shapes_accuracy.json").read_text())) >= {"prior", "text"}
+    images = lambda run, arm: [p.read_bytes() for p in sorted((tmp_path / run / arm / "images").iterdir())]  # noqa: E731
+    assert images("default", "text") == images("arms", "text")
+    assert images("arms", "caption") != images("arms", "text")
+    assert main(base + ["--arms", "image", "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
 
 
 def test_evaluate_shapes_prior_flags_move_the_prior_arm_only(tmp_path: Path):

@@ -53,6 +53,7 @@ def evaluate_shapes(argv: list[str]) -> int:
     from datamodules.shapes.grammar import evaluation_captions
     from modules.evaluation.compositional import shapes_accuracy, val_captions
     from modules.cli.pipeline import load_pipeline
+    from modules.pipelines.unclip import PriorMode
 
     p = Parser(prog="unclip evaluate-shapes",
                                 description="Shapes compositional accuracy with and without the prior.")
@@ -79,6 +80,11 @@ def evaluate_shapes(argv: list[str]) -> int:
                    help="the diffusion prior's guidance scale (default: the prior's own)")
     p.add_argument("--no-layout", action="store_true",
                    help="sample without the pipeline's layout stage (ablation; the decoder gets the null layout)")
+    p.add_argument("--layout-tries", type=count(1, 1000), default=None,
+                   help="plans drawn per prompt until one follows the layout rule (default: the layout stage's own)")
+    p.add_argument("--arms", nargs="+", choices=[m.value for m in PriorMode], default=["prior", "text"],
+                   help="where the decoder's image embedding comes from, one scored arm each: the prior's z_i, z_t "
+                        "(no prior), or none (caption: the decoder's null z_i; paper §5.1). Default: prior text")
     p.add_argument("--out", required=True, type=output_dir)
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", a.steps), ("guidance_scale", a.guidance_scale),
@@ -95,5 +101,6 @@ def evaluate_shapes(argv: list[str]) -> int:
         shapes_accuracy(pipe, captions, Path(a.out), seed=a.seed, upsample=not a.no_upsample,
                         decoder_candidates=a.decoder_candidates, decoder_overrides=overrides, use_layout=not a.no_layout,
                         prior_candidates=a.prior_candidates,
-                        prior_overrides={} if a.prior_guidance_scale is None else {"guidance_scale": a.prior_guidance_scale})
+                        prior_overrides={} if a.prior_guidance_scale is None else {"guidance_scale": a.prior_guidance_scale},
+                        layout_tries=a.layout_tries, arms=[PriorMode(arm) for arm in dict.fromkeys(a.arms)])
     return 0

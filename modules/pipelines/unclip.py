@@ -51,6 +51,9 @@ class PriorMode(str, Enum):
 
     PRIOR = "prior"  # sampled by the prior (the paper)
     TEXT = "text"  # z_t fed to the decoder directly ("no prior" ablation)
+    # No image embedding: the decoder's learned null z_i (its CFG dropout's), so it draws from the caption (and
+    # plan) alone; the first of the paper's three conditionings of one decoder (Ramesh et al. 2022 §5.1, Fig. 7)
+    CAPTION = "caption"
 
 
 @dataclass
@@ -67,6 +70,7 @@ class GenerateConfig:
     upsampler_sampling: list[SamplingConfig | None] = field(default_factory=list)
     upsample: bool = True  # False: stop at the decoder's resolution
     use_layout: bool = True  # False: no layout plan even when the pipeline has a layout stage (ablation)
+    layout_tries: int | None = None  # plans drawn per prompt until one follows the layout rule; None: the stage's own
     batch_size: int = 16
 
 
@@ -168,8 +172,9 @@ class UnCLIPPipeline(nn.Module):
 
     @torch.no_grad()
     def image_embeddings(self, text: dict[str, Tensor], cfg: GenerateConfig, generator: torch.Generator | None) -> Tensor:
-        """z_i for each prompt: sampled by the prior, or z_t itself for the no-prior ablation."""
-        if cfg.prior_mode is PriorMode.TEXT or self.prior is None:
+        """z_i for each prompt: sampled by the prior, or z_t itself for the no-prior ablation (and as the
+        placeholder the caption-only arm masks, `decode`)."""
+        if cfg.prior_mode is not PriorMode.PRIOR or self.prior is None:
             return text["text_embed"]
         return self.prior.generate(text, num_candidates=cfg.num_candidates, sampling=cfg.prior_sampling, generator=generator)
 
@@ -183,13 +188,15 @@ class UnCLIPPipeline(nn.Module):
         return dataclasses.replace(getattr(self.prior, "sampling", None) or SamplingConfig(), **overrides)
 
     @torch.no_grad()
-    def plan_layout(self, prompts: list[str], generator: torch.Generator | None) -> dict[str, Tensor]:
+    def plan_layout(self, prompts: list[str], generator: torch.Generator | None,
+                    tries: int | None = None) -> dict[str, Tensor]:
         """The layout stage's plan for each prompt: its object phrases (embedded by the pipeline's CLIP)
-        in boxes sampled for them and their relation, as decoder kwargs `layout_boxes` (B, K, 4), `layout_embeds`, `layout_mask`."""
+        in boxes sampled for them and their relation, as decoder kwargs `layout_boxes` (B, K, 4), `layout_embeds`,
+        `layout_mask`; `tries`: draws per prompt until the plan follows the layout rule (None: the stage's own)."""
         if self.layout is None:
             raise PipelineError("this pipeline has no layout stage")
         return self.layout.plan(prompts, clip=self.clip, tokenizer=self.tokenizer, generator=generator,
-                                cache=self._phrases)
+                                cache=self._phrases, tries=tries)
 
     @torch.no_grad()
     def decode(self, text: dict[str, Tensor], image_embed: Tensor, cfg: GenerateConfig,
@@ -198,6 +205,8 @@ class UnCLIPPipeline(nn.Module):
         """Decoder (best of `cfg.decoder_candidates` by CLIP score) then upsamplers: images (B, 3, S, S)
         in [-1, 1] at the final resolution; `layout`: a plan from `plan_layout` (None: none)."""
         kwargs, n = self.decoder_kwargs(text, image_embed, layout), cfg.decoder_candidates
+        if cfg.prior_mode is PriorMode.CAPTION and "drop_image" in kwargs:
+            kwargs["drop_image"] = torch.ones_like(kwargs["drop_image"])  # the null z_i in every pass
         if n < 1 or (n > 1 and x_T is not None):
             raise ValueError(f"decoder_candidates must be >= 1, and 1 when x_T is given; got {n}")
         if n > 1:
@@ -242,7 +251,8 @@ class UnCLIPPipeline(nn.Module):
             chunk = expanded[start : start + cfg.batch_size]
             text = self.encode_text(chunk)
             z_i = self.image_embeddings(text, cfg, gens["prior"])
-            layout = self.plan_layout(chunk, gens["layout"]) if cfg.use_layout and self.layout is not None else None
+            layout = (self.plan_layout(chunk, gens["layout"], cfg.layout_tries)
+                      if cfg.use_layout and self.layout is not None else None)
             out.append(self.decode(text, z_i, cfg, gens["decoder"], layout=layout))
         return to_unit(torch.cat(out))
 

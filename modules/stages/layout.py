@@ -23,7 +23,7 @@ from torch import Tensor
 
 from modules.core import optim
 from modules.core.errors import ConfigError, UserError
-from modules.core.hparams import as_config, init_args, to_plain
+from modules.core.hparams import as_config, check_range, init_args, to_plain
 from modules.diffusion import Objective
 from modules.diffusion.config import Clipping, DiffusionConfig, SamplingConfig, noise, sample
 from modules.networks.clip import FrozenCLIP
@@ -53,6 +53,14 @@ def shapes_relations() -> tuple[str, ...]:
     return RELATIONS
 
 
+def shapes_rule(boxes: list[list[float]], relation: str) -> bool:
+    """Whether a plan's boxes (its objects' only) could be a shapes layout (`follows_layout_rule`):
+    sides in the writer's range, and two objects in the relation, apart, with the writer's gap."""
+    from datamodules.shapes.scene import follows_layout_rule
+
+    return not boxes or follows_layout_rule(boxes, relation or None)
+
+
 def boxes_to_x0(boxes: Tensor, mask: Tensor) -> Tensor:
     """Boxes (B, K, 4) in [0, 1] -> diffusion data in [-1, 1]; empty slots are 0."""
     return torch.where(mask[..., None].bool(), boxes * 2 - 1, 0.0)
@@ -75,6 +83,9 @@ class LayoutModule(pl.LightningModule):
         diffusion / sampling: the process over boxes and its sampler (static clipping to [-1, 1]).
         phrase_parser: how captions are parsed into object phrases and a relation at sampling (`shapes`).
         relations: the relation vocabulary (None: the shapes grammar's); id 0 is "no relation".
+        plan_tries: plans drawn per caption at most: a plan whose boxes break the parser's layout rule
+            (`shapes_rule`: the data writer's sides, gap and overlap) is drawn again, up to this many
+            times in all, and the last draw kept (rejection sampling; 1: the first draw, unchecked).
     """
 
     def __init__(
@@ -89,9 +100,11 @@ class LayoutModule(pl.LightningModule):
         relations: tuple[str, ...] | None = None,
         val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
         seed: int = 0,
+        plan_tries: int = 1,
     ) -> None:
         args = init_args(locals())
         super().__init__()
+        check_range("model", "plan_tries", plan_tries, 1, 1000)
         if phrase_parser not in PARSERS:
             raise ConfigError(f"model.phrase_parser: {phrase_parser!r} is not one of {list(PARSERS)}")
         self.conditioner = ClipConditioner(clip_model, clip_weights)
@@ -183,12 +196,23 @@ class LayoutModule(pl.LightningModule):
 
     @torch.no_grad()
     def plan(self, captions: Sequence[str], *, clip: FrozenCLIP, tokenizer: Any,
-             generator: torch.Generator | None = None, cache: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+             generator: torch.Generator | None = None, cache: dict[str, Tensor] | None = None,
+             tries: int | None = None) -> dict[str, Tensor]:
         """The plan for each caption: its parsed phrases embedded by `clip` (`phrase_embeddings`, with
         `cache`) in boxes sampled for them and their relation, as decoder kwargs `layout_boxes` (B, K, 4),
-        `layout_embeds` (B, K, D) and `layout_mask` (B, K)."""
+        `layout_embeds` (B, K, D) and `layout_mask` (B, K). Plans that break the layout rule are drawn
+        again, only those rows, up to `tries` draws in all (None: the module's `plan_tries`)."""
         phrases, relations = self.parse(captions)
         embeds, mask = phrase_embeddings(clip, tokenizer, phrases, self.device, cache)
         plan = {"layout_embeds": embeds, "layout_mask": mask}
-        boxes = self.generate({**plan, "layout_relation": relations.to(self.device)}, generator=generator)
+        cond = {**plan, "layout_relation": relations.to(self.device)}
+        boxes = self.generate(cond, generator=generator)
+        words = [self.relations[i - 1] if i else "" for i in relations.tolist()]
+        for _ in range(1, tries or self.hparams.plan_tries):
+            broken = [row for row, objects in enumerate(phrases)
+                      if not shapes_rule(boxes[row, : sum(map(bool, objects))].tolist(), words[row])]
+            if not broken:
+                break
+            rows = torch.tensor(broken, device=boxes.device)
+            boxes[rows] = self.generate({k: v[rows] for k, v in cond.items()}, generator=generator)
         return {**plan, "layout_boxes": boxes}
