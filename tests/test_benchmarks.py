@@ -286,9 +286,9 @@ def test_print_table_aligns_rows_and_ends_with_the_json(capsys):
 
 
 def test_layout_plans_judge_reads_relations_by_both_rules():
-    """`benchmarks.layout_plans.judge`: a plan drawn by the shard writer passes both rules; the same
-    boxes under the inverse relation fail both; a diagonal offset that only the evaluator's dominant-axis
-    rule reads as "to the left of" passes that rule alone."""
+    """`benchmarks.layout_plans.judge`: a plan drawn by the shard writer passes both rules and the whole
+    layout rule; the same boxes under the inverse relation fail all three; a diagonal offset that only the
+    evaluator's dominant-axis rule reads as "to the left of" passes that rule alone."""
     import numpy as np
 
     from benchmarks.layout_plans import judge
@@ -304,6 +304,8 @@ def test_layout_plans_judge_reads_relations_by_both_rules():
         boxes += [plan, plan]
     out = judge(prompts, torch.stack(boxes), 32)
     assert out["relation_right"] == 0.5 and out["relation_right_evaluator_rule"] == 0.5
+    assert out["follows_layout_rule"] == 0.5
     diagonal = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.5, 0.4, 0.8, 0.7]]])
     out = judge([caption([a, b], "to the left of")], diagonal, 32)
     assert out["relation_right"] == 0.0 and out["relation_right_evaluator_rule"] == 1.0
+    assert out["follows_layout_rule"] == 0.0
