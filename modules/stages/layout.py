@@ -10,6 +10,9 @@ sg2im (Johnson et al. 2018) predicts boxes from one: each slot's phrase embeddin
 CLIP's) and the relation between the first two objects. The graph comes from the caption's parse (the
 shapes grammar's, `phrase_parser: shapes`: an object per noun phrase in the order the caption names
 them, and the relation word between them); in training, from each sample's json (`data.layout_slots`).
+At sampling, a plan whose boxes break the layout rule the data's writer follows (sides, and the
+relation's gap and overlap) is drawn again, up to `plan_tries` draws (rejection sampling): the
+decoder never saw such a layout, and draws touching same-coloured objects as one.
 """
 
 from __future__ import annotations
