@@ -36,19 +36,8 @@ def val_captions(pattern: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def score(pipe: UnCLIPPipeline, captions: list[str], mode: PriorMode, seed: int = 0, upsample: bool = True,
-          decoder_candidates: int = 1, decoder_overrides: dict[str, Any] | None = None,
-          use_layout: bool = True, prior_candidates: int | None = None,
-          prior_overrides: dict[str, Any] | None = None, layout_tries: int | None = None) -> tuple[dict[str, Any], torch.Tensor]:
-    """Generate one image per caption and score it; returns (accuracy table + rows, images).
-    `decoder_overrides` / `prior_overrides` (SamplingConfig fields, e.g. steps) replace that stage's
-    own sampling; `prior_candidates` the prior's best-of-n (None: the prior's own); `use_layout=False`
-    samples without the layout stage's plan (ablation); `layout_tries` its plans' rejection sampling
-    (None: the stage's own)."""
-    sampling = dataclasses.replace(pipe.decoder.sampling, **decoder_overrides) if decoder_overrides else None
-    cfg = GenerateConfig(prior_mode=mode, decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates,
-                         use_layout=use_layout, num_candidates=prior_candidates, layout_tries=layout_tries,
-                         prior_sampling=pipe.prior_sampling(**(prior_overrides or {})))
+def score(pipe: UnCLIPPipeline, captions: list[str], cfg: GenerateConfig, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+    """Generate one image per caption under `cfg` and score it; returns (accuracy table + rows, images)."""
     images = pipe.generate(captions, 1, seed=seed, config=cfg)
     rows = [evaluate_image(img, cap) for img, cap in zip(images, captions)]
     return {"table": accuracy_table(rows), "rows": rows}, images
@@ -61,10 +50,17 @@ def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, see
                     arms: Sequence[PriorMode] = (PriorMode.PRIOR, PriorMode.TEXT)) -> dict[str, Any]:
     """Score `captions` in each of `arms` (default: with and without the prior; the prior's arm is
     skipped when the pipeline has none); writes `out/<arm>/` (rows.json, images) and
-    `out/shapes_accuracy.json`, and returns that report."""
+    `out/shapes_accuracy.json`, and returns that report. `decoder_overrides` / `prior_overrides`
+    (SamplingConfig fields, e.g. steps) replace that stage's own sampling; `prior_candidates` the prior's
+    best-of-n (None: the prior's own); `use_layout=False` samples without the layout stage's plan
+    (ablation); `layout_tries` its plans' rejection sampling (None: the stage's own)."""
     from modules.core.images import save_images
 
     decoder_overrides = decoder_overrides or {}
+    sampling = dataclasses.replace(pipe.decoder.sampling, **decoder_overrides) if decoder_overrides else None
+    cfg = GenerateConfig(decoder_sampling=sampling, upsample=upsample, decoder_candidates=decoder_candidates,
+                         use_layout=use_layout, num_candidates=prior_candidates, layout_tries=layout_tries,
+                         prior_sampling=pipe.prior_sampling(**(prior_overrides or {})))
     report: dict[str, Any] = {"num_prompts": len(captions), "seed": seed, "decoder_steps": decoder_overrides.get("steps"),
                               "resolution": "final" if upsample else "decoder", "decoder_candidates": decoder_candidates,
                               "decoder_overrides": decoder_overrides,
@@ -74,10 +70,7 @@ def shapes_accuracy(pipe: UnCLIPPipeline, captions: list[str], out: Path, *, see
     for mode in arms:
         if mode is PriorMode.PRIOR and pipe.prior is None:
             continue
-        result, images = score(pipe, captions, mode, seed, upsample=upsample, decoder_candidates=decoder_candidates,
-                               decoder_overrides=decoder_overrides, use_layout=use_layout,
-                               prior_candidates=prior_candidates, prior_overrides=prior_overrides,
-                               layout_tries=layout_tries)
+        result, images = score(pipe, captions, dataclasses.replace(cfg, prior_mode=mode), seed)
         report[mode.value] = result["table"]
         (out / mode.value).mkdir(parents=True, exist_ok=True)
         (out / mode.value / "rows.json").write_text(json.dumps(result["rows"], indent=1))
