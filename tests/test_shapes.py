@@ -156,9 +156,8 @@ def test_every_written_layout_follows_the_layout_rule_in_canvas_units(size: int)
     """`follows_layout_rule` (the check on the layout stage's plans) accepts every layout the writer
     makes, divided by the canvas size, and only for its own relation; it refuses boxes that touch or
     overlap, stand diagonally, or have a side outside the writer's range."""
-    rng = np.random.default_rng(size)
+    rng, colors = np.random.default_rng(size), list(COLORS)
     for i in range(300):
-        colors = list(COLORS)
         objects = [Obj(colors[i % len(colors)], SHAPES[i % len(SHAPES)]),
                    Obj(colors[(i // 2) % len(colors)], SHAPES[(i // 3) % len(SHAPES)])][: 1 + i % 2]
         relation = RELATIONS[(i // 2) % len(RELATIONS)] if len(objects) == 2 else None

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from datamodules.shapes.dataset import Split, render_sample
-from datamodules.shapes.grammar import COLORS, describe
+from datamodules.shapes.grammar import COLORS, SHAPES, describe
 from modules.evaluation.shapes_evaluator import EvaluatorConfig, accuracy_table, detect_objects, evaluate_image
 
 SWAP_COLOR = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "purple", "purple": "orange", "orange": "red"}
@@ -37,7 +37,7 @@ def test_every_colour_shape_and_side_is_read_right(size: int):
     lo, hi = side_range(size)
     for side in range(lo, hi + 1):
         for color in COLORS:
-            for shape in ("circle", "square", "triangle"):
+            for shape in SHAPES:
                 found = detect_objects(_draw([(color, shape, [2, 3, 2 + side, 3 + side])], size))
                 assert [(d.color, d.shape) for d in found] == [(color, shape)], (side, color, shape)
 

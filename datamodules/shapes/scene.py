@@ -43,7 +43,8 @@ def follows_layout_rule(boxes: Sequence[Sequence[float]], relation: str | None) 
     by that size, follows it; the layout stage's plans are checked against it (`modules.stages.layout`)."""
     if len(boxes) not in (1, 2) or (len(boxes) == 2) != (relation is not None):
         return False
-    lo, hi, eps = MIN_SIDE_FRACTION - 1e-9, MAX_SIDE_FRACTION + 1e-9, 1e-9  # eps: pixels / size in floats
+    eps = 1e-9  # pixels / size in floats
+    lo, hi = MIN_SIDE_FRACTION - eps, MAX_SIDE_FRACTION + eps
     if not all(lo <= x1 - x0 <= hi and lo <= y1 - y0 <= hi for x0, y0, x1, y1 in boxes):
         return False
     if len(boxes) == 1:
