@@ -52,7 +52,7 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(backend, shape, bia
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not lin._has_linear_pointwise(), reason="no oneDNN fused linear in this torch")
+@pytest.mark.skipif(not lin.onednn_bf16_linear(), reason="no oneDNN bf16 fused linear on this CPU / torch")
 @pytest.mark.parametrize("in_out", [(48, 80), (96, 40)])  # weight gradient in either orientation
 @pytest.mark.parametrize("shape", [(70,), (3, 41)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -72,6 +72,25 @@ def test_bf16_autocast_linear_is_autocasts_f_linear_bit_for_bit(in_out, shape, b
     got, want = (torch.autograd.grad(out, [x, *params], grad) for out in (y, ref))
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.float32 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_linear_runs_on_any_cpu(monkeypatch, native):
+    """On a CPU without native bf16 (AVX2 only) oneDNN cannot build a bf16 inner product at all, so
+    `Linear` must fall back to autocast's `F.linear` there: same output, no fused function. Where the
+    CPU has native bf16, the fused path is taken (when this torch has it)."""
+    if native and not lin.onednn_bf16_linear():
+        pytest.skip("this CPU / torch has no oneDNN bf16 linear")
+    if not native:
+        monkeypatch.setattr(lin, "onednn_bf16_linear", lambda: False)
+    torch.manual_seed(0)
+    layer, x = Linear(48, 80), torch.randn(70, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert ("AutocastBf16Linear" in type(y.grad_fn).__name__) == native
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
 
 
 @needs_onednn
@@ -193,3 +212,50 @@ def test_attention_bmm_path_matches_sdpa_in_fp32(with_mask: bool):
     if mask is not None:
         additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
         torch.testing.assert_close(attn._attention_bmm(q, k, v, additive, 0.0), expected)
+
+
+# ------------------------------------------------------------------------------ bf16 without native units
+@pytest.mark.parametrize("precision, accelerator, native, want", [
+    ("bf16-mixed", "auto", False, "32-true"),
+    ("bf16-true", "cpu", False, "32-true"),
+    ("bf16-mixed", "cpu", True, None),   # AVX512-BF16 / AMX: bf16 as configured
+    ("32-true", "cpu", False, None),     # nothing to change
+    ("bf16-mixed", "gpu", False, None),  # a GPU's bf16 does not depend on the host CPU
+])
+def test_bf16_trainer_runs_in_fp32_only_on_a_cpu_without_native_bf16(monkeypatch, precision, accelerator, native, want):
+    from modules.cli import lightning as cli
+
+    monkeypatch.setattr(cli, "native_bf16", lambda device_type: native)
+    assert cli.precision_fallback({"precision": precision, "accelerator": accelerator}) == want
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cli_builds_the_trainer_in_the_precision_this_cpu_runs(monkeypatch, tmp_path, native):
+    """The demo decoder's `bf16-mixed` builds a bf16 trainer where the CPU has native bf16 and an fp32
+    one where it has not (AVX2 only: bf16 an order of magnitude slower, oneDNN's bf16 linear refused)."""
+    from modules.cli import lightning as cli
+
+    monkeypatch.setattr(cli, "native_bf16", lambda device_type: native)
+    built = cli.UnclipCLI(args=["--config", "experiments/prior/tiny.yaml", "--trainer.precision=bf16-mixed",
+                                f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                                "--trainer.callbacks=null"], run=False)
+    assert built.trainer.precision == ("bf16-mixed" if native else "32-true")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_sampling_runs_the_network_in_fp32_without_native_bf16(monkeypatch, native):
+    """`autocast_model` under Precision.BF16: the network sees bf16 autocast only where bf16 is native;
+    elsewhere it is the fp32 model itself (same output bit for bit)."""
+    from modules.diffusion import config as dc
+
+    monkeypatch.setattr(dc, "native_bf16", lambda device_type: native)
+    seen = []
+
+    def model(x, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return x * t
+
+    x, t = torch.randn(2, 3), torch.tensor([[2.0], [3.0]])
+    out = dc.autocast_model(model, dc.Precision.BF16)(x, t)
+    assert seen == [native] and out.dtype == torch.float32
+    assert native or torch.equal(out, x * t)

@@ -276,9 +276,11 @@ def test_manipulations_shapes_and_determinism(saved: Path, monkeypatch):
     assert rec.shape == (2, 3, 16, 16) and np.isfinite(err)
 
 
-def test_manipulations_invert_and_decode_in_the_decoders_precision(saved: Path):
+def test_manipulations_invert_and_decode_in_the_decoders_precision(saved: Path, monkeypatch):
     """DDIM inversion and the decodes from its x_T run the U-Net in the decoder's sampling precision
-    (both fp32 or both under bf16 autocast), so they stay an inverse pair."""
+    (both fp32 or both under bf16 autocast), so they stay an inverse pair. (bf16 is taken as native
+    here; on a CPU without it both run in fp32, `test_cpu_kernels`.)"""
+    monkeypatch.setattr("modules.diffusion.config.native_bf16", lambda device_type: True)
     img = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     for precision, autocast in (("FP32", False), ("BF16", True)):
         pipe = UnCLIPPipeline.load(saved)

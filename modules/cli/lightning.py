@@ -7,7 +7,9 @@ Besides LightningCLI's own behaviour, `UnclipCLI`:
   weights, `--ckpt_path`) exists;
 - makes every trainer crash-safe: `AtomicCheckpointIO` replaces the default checkpoint writer, and
   `NonFiniteGuard`, `DataHealth`, `PreemptionCheckpoint` and `RNGState` are added unless the
-  config already has one of the same class (then the configured one is used).
+  config already has one of the same class (then the configured one is used);
+- trains a bf16 precision as `32-true` on a CPU without native bf16 (`precision_fallback`; one
+  line says so), where bf16 would run an order of magnitude slower or not at all.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from modules.core.errors import ConfigError, UserError
+from modules.core.hardware import native_bf16, no_native_bf16_message, say_once
 from modules.core.safe_load import safe_torch_load
 from modules.stages.registry import canonical_class_path, stage_kind
 
@@ -264,6 +267,19 @@ def add_reliability(trainer: pl.Trainer) -> None:
             first_checkpoint += 1
 
 
+def precision_fallback(trainer: dict[str, Any]) -> str | None:
+    """The precision a bf16 trainer runs in on a CPU without native bf16 (`modules.core.hardware`):
+    ``"32-true"`` there, None (keep the configured one) everywhere else: other precisions, GPUs, and
+    CPUs with native bf16."""
+    precision = str(trainer.get("precision"))
+    if not precision.startswith("bf16"):
+        return None
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    return "32-true" if on_cpu and not native_bf16("cpu") else None
+
+
 class UnclipCLI(LightningCLI):
     """`unclip fit|validate|test|predict --config experiments/<stage>/<name>.yaml`.
 
@@ -318,6 +334,10 @@ class UnclipCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand is not None else self.config
         if config.get("torch_threads"):
             torch.set_num_threads(config["torch_threads"])
+        fallback = precision_fallback(config["trainer"])
+        if fallback is not None:
+            say_once(no_native_bf16_message(f"trainer.precision {config['trainer']['precision']}"))
+            config["trainer"]["precision"] = fallback
         if self.subcommand is not None:  # a real run (not `run=False` introspection)
             check_named_files(config.as_dict())
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from modules.core import draws
 from modules.core.errors import ConfigError
+from modules.core.hardware import native_bf16, no_native_bf16_message, say_once
 from modules.core.hparams import check_range, coerce_fields
 
 from .analytic import analytic_ddpm_sample
@@ -76,7 +77,7 @@ class Precision(str, Enum):
     """The network's arithmetic while sampling; the sampler's own update (x_t -> x_{t-1}) is fp32."""
 
     FP32 = "fp32"
-    BF16 = "bf16"  # the network's forward under torch.autocast(bfloat16): oneDNN's AMX/AVX512-BF16 on CPU
+    BF16 = "bf16"  # the network's forward under torch.autocast(bfloat16): oneDNN's AMX/AVX512-BF16 on CPU; fp32 on a CPU without them
 
 
 # A condition's own guidance scale in SamplingConfig, by the drop mask that removes it.
@@ -120,11 +121,16 @@ class SamplingConfig:
 
 def autocast_model(model: ModelFn, precision: Precision) -> ModelFn:
     """`model` run under bf16 autocast with its output returned in fp32, so guidance and the
-    sampler's update see fp32 tensors (only the network's convolutions and GEMMs drop to bf16)."""
+    sampler's update see fp32 tensors (only the network's convolutions and GEMMs drop to bf16).
+    On a CPU without native bf16 (`modules.core.hardware.native_bf16`) the network runs in fp32,
+    and one line says so."""
     if precision is Precision.FP32:
         return model
 
     def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        if not native_bf16(x.device.type):
+            say_once(no_native_bf16_message("sampling precision bf16"))
+            return model(x, t, **kwargs)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = model(x, t, **kwargs)
         return out.float()

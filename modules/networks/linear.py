@@ -14,7 +14,8 @@ oneDNN's setup costs more than it saves), and when the backend resolves to oneDN
 default) means oneDNN when torch's BLAS is MKL on an AMD CPU; the environment variable
 ``UNCLIP_CPU_LINEAR=onednn|blas|auto`` or :func:`set_cpu_linear_backend` overrides it.
 
-Under CPU bf16 autocast, `linear` runs as one autograd function (`_AutocastBf16Linear`) with the same
+Under CPU bf16 autocast, where the CPU has native bf16 (`onednn_bf16_linear`), `linear` runs as one
+autograd function (`_AutocastBf16Linear`) with the same
 bf16 GEMMs as autocast's ``F.linear`` (same values and gradients, bit for bit on the prior): the forward
 through oneDNN's linear with the bias fused (``addmm`` first writes the broadcast bias into its output:
 fc1 (5184, 512) -> 2752 took 32.7 vs 28.5 ms), and the weight gradient in whichever orientation is
@@ -32,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from modules.core.hardware import cpu_has_native_bf16
 
 BACKENDS = ("auto", "onednn", "blas")
 MIN_ROWS = 64  # fwd+bwd (rows, 512) x (512, 512): 1.1x at 64 rows, 1.6x at 128, 2.2x at 5184
@@ -116,15 +119,22 @@ def _autocast_bf16_cpu(x: Tensor) -> bool:
         _eager_cpu_rows(x)
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and _has_linear_pointwise()
+        and onednn_bf16_linear()
     )
 
 
 @functools.cache
-def _has_linear_pointwise() -> bool:
-    """oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`, what inductor calls on CPU) is a
-    private op: without it (no oneDNN, another torch) autocast's own `F.linear` runs instead."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_bf16_linear() -> bool:
+    """Whether bf16 linear layers can run through oneDNN's fused linear
+    (`torch.ops.mkldnn._linear_pointwise`, what inductor calls on CPU): the private op exists (oneDNN
+    built in, this torch) and the CPU has native bf16 (`modules.core.hardware`). On an AVX2-only CPU
+    oneDNN cannot build the bf16 inner product at all ("could not create a primitive descriptor"),
+    so autocast's own `F.linear` runs instead."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and cpu_has_native_bf16()
+    )
 
 
 class _AutocastBf16Linear(torch.autograd.Function):
