@@ -3,7 +3,7 @@
 bf16 pays only where the hardware runs it natively: CUDA GPUs, and CPUs with AVX512-BF16, AMX or
 AVX-NE-CONVERT, whose bf16 GEMMs and convolutions oneDNN runs. On a CPU with AVX2 only, oneDNN
 has no bf16 kernels: torch's fallbacks run the demo decoder's bf16 training step 11x slower than
-its fp32 step (6.5 s against 0.59 s, batch 32, on an AMD EPYC host with AVX2 only, 2 threads), and
+its fp32 step (6.5 s against 0.58 s, batch 32, on an AMD EPYC host with AVX2 only, 2 threads), and
 oneDNN's bf16 inner product cannot be built at all. So a bf16 request runs in fp32 there
 (`native_bf16`), with one line saying so: the same seed on the same machine still gives the same
 weights, and a machine with native bf16 still trains in bf16.
