@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from modules.core.errors import ConfigError, UserError
-from modules.core.hardware import native_bf16, no_native_bf16_message, say_once
+from modules.core.hardware import native_bf16, say_bf16_runs_in_fp32
 from modules.core.safe_load import safe_torch_load
 from modules.stages.registry import canonical_class_path, stage_kind
 
@@ -336,7 +336,7 @@ class UnclipCLI(LightningCLI):
             torch.set_num_threads(config["torch_threads"])
         fallback = precision_fallback(config["trainer"])
         if fallback is not None:
-            say_once(no_native_bf16_message(f"trainer.precision {config['trainer']['precision']}"))
+            say_bf16_runs_in_fp32(f"trainer.precision {config['trainer']['precision']}")
             config["trainer"]["precision"] = fallback
         if self.subcommand is not None:  # a real run (not `run=False` introspection)
             check_named_files(config.as_dict())

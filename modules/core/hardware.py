@@ -33,15 +33,8 @@ def native_bf16(device_type: str) -> bool:
 
 
 @functools.cache
-def say_once(message: str) -> None:
-    """Log `message` at WARNING level the first time it is asked for in this process."""
-    log.warning(message)
-
-
-NO_NATIVE_BF16 = ("this CPU has no native bf16 (AVX512-BF16 / AMX / AVX-NE-CONVERT; "
-                  "torch.backends.cpu.get_cpu_capability() = {capability}): {what} runs in fp32 instead")
-
-
-def no_native_bf16_message(what: str) -> str:
-    """The one line that says a bf16 request (`what`) runs in fp32 on this CPU."""
-    return NO_NATIVE_BF16.format(capability=torch.backends.cpu.get_cpu_capability(), what=what)
+def say_bf16_runs_in_fp32(what: str) -> None:
+    """Log, once per process and request, that a bf16 request (`what`) runs in fp32 on this CPU."""
+    log.warning("this CPU has no native bf16 (AVX512-BF16 / AMX / AVX-NE-CONVERT; "
+                "torch.backends.cpu.get_cpu_capability() = %s): %s runs in fp32 instead",
+                torch.backends.cpu.get_cpu_capability(), what)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from modules.core import draws
 from modules.core.errors import ConfigError
-from modules.core.hardware import native_bf16, no_native_bf16_message, say_once
+from modules.core.hardware import native_bf16, say_bf16_runs_in_fp32
 from modules.core.hparams import check_range, coerce_fields
 
 from .analytic import analytic_ddpm_sample
@@ -129,7 +129,7 @@ def autocast_model(model: ModelFn, precision: Precision) -> ModelFn:
 
     def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         if not native_bf16(x.device.type):
-            say_once(no_native_bf16_message("sampling precision bf16"))
+            say_bf16_runs_in_fp32("sampling precision bf16")
             return model(x, t, **kwargs)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = model(x, t, **kwargs)

@@ -130,11 +130,7 @@ def onednn_bf16_linear() -> bool:
     built in, this torch) and the CPU has native bf16 (`modules.core.hardware`). On an AVX2-only CPU
     oneDNN cannot build the bf16 inner product at all ("could not create a primitive descriptor"),
     so autocast's own `F.linear` runs instead."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and cpu_has_native_bf16()
-    )
+    return cpu_has_native_bf16() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class _AutocastBf16Linear(torch.autograd.Function):
